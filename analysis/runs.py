@@ -1,0 +1,276 @@
+"""Runs -> one tidy pandas frame, from run dirs, wandb offline files or the wandb API.
+
+    from analysis.runs import load_run_dirs, eval_frame
+    metrics = load_run_dirs("runs/")   # run, step, metric, value, sweep, regime, coef_schedule, seed, ...
+    evals = eval_frame("runs/")        # run, step, benchmark, stat, value, sweep, regime, ...
+
+Every loader returns the same long shape: one row per (run, step, metric) with the run's config
+flattened into columns (`CONFIG_COLUMNS`), so a table or figure is a groupby away. Sources, in order
+of trust:
+
+  1. run dirs (`load_run_dirs`, `eval_frame`): `metrics.jsonl` is written and fsynced before wandb sees
+     a number (`mtp_occ.log`), and only run dirs hold the evaluation's confidence intervals.
+  2. wandb offline files (`load_wandb_offline`): `wandb.Api()` cannot read them and wandb 0.31 writes no
+     config or summary JSON offline, so we ask wandb's own reader, `wandb leet inspect --json`
+     (history records) and `--summary --json` (config, name, state). Several attempts of one run id
+     (requeues) are merged, the later attempt winning a step both logged.
+  3. the wandb API (`load_wandb_api`), cached as parquet per run; needs a login.
+
+`sweep` is the run dir's parent directory name (for wandb runs whose files are not inside a run dir:
+the wandb group). `status` is run.json's status, or the wandb state for wandb sources.
+Never imports torch; wandb only inside the functions that need it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import yaml
+
+from mtp_occ.log import METRICS_FILE, RUN_FILE, read_metrics
+
+CONFIG_COLUMNS = ["sweep", "regime", "coef_schedule", "seed", "model", "lam", "lambda_plus", "status"]
+METRIC_COLUMNS = ["run", "step", "metric", "value"]
+EVAL_COLUMNS = ["run", "step", "benchmark", "stat", "value"]
+_EVAL_METRIC = re.compile(r"^eval/(?P<benchmark>[^/]+)/(?P<stat>[^/]+)$")
+REGIME_ORDER = ("detach", "ce", "policy", "occ")  # the paper's order; other regimes follow by name
+REGIME_LABELS = {"detach": "Detach", "ce": "CE", "policy": "Policy", "occ": "OCC"}
+BENCHMARK_ORDER = ("aime24", "aime25", "amc23", "math500", "minerva", "olympiadbench")
+BENCHMARK_LABELS = {"aime24": "AIME24", "aime25": "AIME25", "amc23": "AMC23", "math500": "MATH-500",
+                    "minerva": "Minerva", "olympiadbench": "OlympiadBench", "average": "Average"}
+LOGIN_HELP = ("no wandb login: run `wandb login` once, or set WANDB_API_KEY (and WANDB_BASE_URL for a "
+              "self-hosted server); offline runs are read with load_wandb_offline instead")
+
+
+# ------------------------------------------------------------------------------------------ names
+def sort_regimes(regimes: Iterable[str]) -> list[str]:
+    """detach, ce, policy, occ, then any other regime alphabetically."""
+    rank = {r: i for i, r in enumerate(REGIME_ORDER)}
+    return sorted(set(regimes), key=lambda r: (rank.get(r, len(rank)), r))
+
+
+def sort_benchmarks(benchmarks: Iterable[str]) -> list[str]:
+    """The six paper benchmarks in the paper's order, then others alphabetically; "average" excluded."""
+    rank = {b: i for i, b in enumerate(BENCHMARK_ORDER)}
+    return sorted(set(benchmarks) - {"average"}, key=lambda b: (rank.get(b, len(rank)), b))
+
+
+# ----------------------------------------------------------------------------------------- config
+def config_columns(config: dict[str, Any]) -> dict[str, Any]:
+    """The resolved config (config.yaml, or the dict given to wandb) -> the frame's config columns."""
+    regime = config.get("regime") or {}
+    return {
+        "regime": regime.get("name"),
+        "coef_schedule": (config.get("coef_schedule") or {}).get("name"),
+        "seed": config.get("seed"),
+        "model": (config.get("model") or {}).get("name"),
+        "lam": regime.get("lam"),
+        "lambda_plus": _find_key(regime, "lambda_plus"),
+    }
+
+
+def _find_key(tree: Any, key: str) -> Any:
+    """`regime.lambda_plus` today; also found if a regime nests it (e.g. `regime.occ.lambda_plus`)."""
+    if isinstance(tree, dict):
+        if key in tree:
+            return tree[key]
+        for value in tree.values():
+            found = _find_key(value, key)
+            if found is not None:
+                return found
+    return None
+
+
+def _with_columns(frame: pd.DataFrame, columns: list[str], info: dict[str, Any]) -> pd.DataFrame:
+    for col in CONFIG_COLUMNS:
+        frame[col] = info.get(col)
+    return frame[columns + CONFIG_COLUMNS]
+
+
+def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
+    frames = [f for f in frames if len(f)]
+    if not frames:
+        return pd.DataFrame(columns=columns + CONFIG_COLUMNS)
+    out = pd.concat(frames, ignore_index=True)
+    out["value"] = out["value"].astype(float)
+    out["seed"] = pd.to_numeric(out["seed"]).astype("Int64")
+    out[["lam", "lambda_plus"]] = out[["lam", "lambda_plus"]].apply(pd.to_numeric).astype(float)
+    return out.sort_values(["run", "step"] if "metric" not in out else ["run", "metric", "step"],
+                           kind="stable", ignore_index=True)
+
+
+def _long(records: Iterable[tuple[int, dict[str, Any]]]) -> pd.DataFrame:
+    """(step, {metric: value}) records -> run-less long rows; non-numbers and `_keys` dropped."""
+    rows = [(int(step), k, float(v)) for step, rec in records for k, v in rec.items()
+            if not k.startswith("_") and isinstance(v, int | float) and not isinstance(v, bool)]
+    frame = pd.DataFrame(rows, columns=["step", "metric", "value"])
+    return frame.drop_duplicates(["step", "metric"], keep="last")  # a re-logged step: the last wins
+
+
+# ---------------------------------------------------------------------------------------- run dirs
+def find_run_dirs(root: Path | str) -> list[Path]:
+    """Run dirs under `root` (any depth): dirs holding metrics.jsonl or eval/summary.json."""
+    root = Path(root)
+    found = {p.parent for p in root.rglob(METRICS_FILE)}
+    found |= {p.parent.parent for p in root.rglob("eval/summary.json")}
+    return sorted(d for d in found if "wandb" not in d.relative_to(root).parts)
+
+
+def run_info(run_dir: Path) -> dict[str, Any]:
+    """run name, sweep and config columns of one run dir."""
+    meta = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
+    config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
+    return {"run": meta.get("name") or run_dir.name, "sweep": run_dir.parent.name,
+            "status": meta.get("status"), **config_columns(config or {})}
+
+
+def load_run_dirs(root: Path | str) -> pd.DataFrame:
+    """The metrics of every run dir under `root`, long: run, step, metric, value + CONFIG_COLUMNS."""
+    frames = []
+    for run_dir in find_run_dirs(root):
+        info = run_info(run_dir)
+        frame = _long((rec["step"], rec) for rec in read_metrics(run_dir) if "step" in rec)
+        frame.insert(0, "run", info["run"])
+        frames.append(_with_columns(frame, METRIC_COLUMNS, info))
+    return _concat(frames, METRIC_COLUMNS)
+
+
+def eval_frame(root: Path | str) -> pd.DataFrame:
+    """Final evaluations (`eval/summary.json`), long: run, step, benchmark, stat, value + CONFIG_COLUMNS.
+    stats: avg, pass, maj, their `_lo`/`_hi` CI bounds, n, k, timeouts (benchmark "average": avg, pass,
+    maj). Fractions in [0, 1]."""
+    frames = []
+    for run_dir in find_run_dirs(root):
+        path = run_dir / "eval" / "summary.json"
+        if not path.exists():
+            continue
+        summary, info = json.loads(path.read_text()), run_info(run_dir)
+        rows = [(b, s, v) for b, stats in summary.get("benchmarks", {}).items() for s, v in _stats(stats)]
+        rows += [("average", s, v) for s, v in _stats(summary.get("average", {}))]
+        frame = pd.DataFrame(rows, columns=["benchmark", "stat", "value"])
+        frame.insert(0, "step", summary.get("step"))
+        frame.insert(0, "run", info["run"])
+        frames.append(_with_columns(frame, EVAL_COLUMNS, info))
+    return _concat(frames, EVAL_COLUMNS)
+
+
+def _stats(stats: dict[str, Any]) -> Iterable[tuple[str, float]]:
+    for stat, value in stats.items():
+        if isinstance(value, list | tuple) and len(value) == 2:
+            yield f"{stat.removesuffix('_ci')}_lo", value[0]
+            yield f"{stat.removesuffix('_ci')}_hi", value[1]
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            yield stat, value
+
+
+def evals_from_metrics(metrics: pd.DataFrame) -> pd.DataFrame:
+    """The last logged `eval/<benchmark>/<stat>` of each run, in `eval_frame`'s shape (no CIs): lets the
+    tables use wandb sources, which hold no eval/summary.json."""
+    parts = metrics["metric"].str.extract(_EVAL_METRIC)
+    evals = pd.concat([metrics, parts], axis=1)[parts["benchmark"].notna()]
+    if evals.empty:
+        return pd.DataFrame(columns=EVAL_COLUMNS + CONFIG_COLUMNS)
+    last = evals.groupby("run")["step"].transform("max")
+    return evals[evals["step"] == last][EVAL_COLUMNS + CONFIG_COLUMNS].reset_index(drop=True)
+
+
+# ------------------------------------------------------------------------------ wandb offline files
+def find_wandb_files(root: Path | str) -> list[Path]:
+    """`run-<id>.wandb` transaction logs under `root` (offline-run-* and run-* dirs, any depth)."""
+    return sorted(Path(root).rglob("run-*.wandb"))
+
+
+def inspect_wandb_file(path: Path) -> dict[str, Any]:
+    """One `.wandb` file through wandb's own reader: {"summary": `leet inspect --summary --json`,
+    "history": [(step, item)], "group": run group or None}."""
+    summary = json.loads(_leet(path, "--summary"))
+    history, group = [], None
+    for line in _leet(path).splitlines():
+        record = json.loads(line)
+        if record.get("type") == "history":
+            item = record["history"].get("item", {})
+            step = record["history"].get("step", {}).get("num", item.get("_step", 0))
+            history.append((int(step), item))
+        elif record.get("type") == "run":
+            group = record["run"].get("run_group") or group
+    return {"summary": summary, "history": history, "group": group}
+
+
+def _leet(path: Path, *flags: str) -> str:
+    cmd = [sys.executable, "-m", "wandb", "leet", "inspect", *flags, "--json", str(path)]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if done.returncode != 0:
+        raise RuntimeError(f"`{' '.join(cmd)}` failed ({done.returncode}): {done.stderr.strip()[-2000:]}")
+    return done.stdout
+
+
+def load_wandb_offline(root: Path | str, *, workers: int = 4) -> pd.DataFrame:
+    """The history of every wandb run under `root` read from its local files, in `load_run_dirs`'s
+    shape. Attempts sharing a run id (a requeued run) are merged in file-name (= start time) order."""
+    files = find_wandb_files(root)
+    with ThreadPoolExecutor(max_workers=workers) as pool:  # each file is a short subprocess
+        inspected = list(pool.map(inspect_wandb_file, files))
+    attempts: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
+    for path, run in zip(files, inspected, strict=True):
+        attempts.setdefault(run["summary"]["run_id"], []).append((path, run))
+    frames = []
+    for runs in attempts.values():
+        runs.sort(key=lambda pr: pr[0].parent.name)  # offline-run-YYYYMMDD_HHMMSS-<id>
+        path, last = runs[-1]
+        frame = _long(step_item for _, run in runs for step_item in run["history"])
+        frame.insert(0, "run", last["summary"].get("name") or last["summary"]["run_id"])
+        info = {"sweep": _sweep_of(path) or last["group"], "status": last["summary"].get("state"),
+                **config_columns(last["summary"].get("config") or {})}
+        frames.append(_with_columns(frame, METRIC_COLUMNS, info))
+    return _concat(frames, METRIC_COLUMNS)
+
+
+def _sweep_of(wandb_file: Path) -> str | None:
+    """Files under `<run_dir>/wandb/<attempt>/` belong to that run dir: its parent is the sweep."""
+    run_dir = wandb_file.parent.parent.parent
+    return run_dir.parent.name if (run_dir / RUN_FILE).exists() else None
+
+
+# ---------------------------------------------------------------------------------------- wandb API
+def load_wandb_api(entity: str, project: str, group: str | None = None, tags: list[str] | None = None,
+                   cache_dir: Path | str = "analysis/cache") -> pd.DataFrame:
+    """Runs of `entity/project` (optionally one group, any of `tags`) through `wandb.Api()`, in
+    `load_run_dirs`'s shape. Each finished run's history is cached as parquet under `cache_dir`."""
+    import wandb
+
+    try:
+        api = wandb.Api(timeout=60)
+        filters: dict[str, Any] = {}
+        if group:
+            filters["group"] = group
+        if tags:
+            filters["tags"] = {"$in": list(tags)}
+        runs = list(api.runs(f"{entity}/{project}", filters=filters))
+    except (wandb.errors.UsageError, wandb.errors.AuthenticationError) as e:
+        raise RuntimeError(f"{LOGIN_HELP} ({e})") from e
+    cache = Path(cache_dir) / entity / project
+    return _concat([_api_run_frame(run, cache) for run in runs], METRIC_COLUMNS)
+
+
+def _api_run_frame(run: Any, cache: Path) -> pd.DataFrame:
+    """One API run; cached when it can no longer change (keyed by its last step)."""
+    path = cache / f"{run.id}-{run.summary.get('_step')}.parquet"
+    if path.exists():
+        return pd.read_parquet(path)
+    frame = _long((row.get("_step", 0), row) for row in run.scan_history())
+    frame.insert(0, "run", run.name)
+    info = {"sweep": run.group, "status": run.state, **config_columns(dict(run.config))}
+    frame = _with_columns(frame, METRIC_COLUMNS, info)
+    if run.state != "running":
+        cache.mkdir(parents=True, exist_ok=True)
+        frame.to_parquet(path, index=False)
+    return frame

@@ -1,0 +1,306 @@
+"""Run logging: `metrics.jsonl` in the run dir always (the source of truth), wandb when enabled.
+
+    logger = RunLogger(run_dir, config=cfg_dict, name=cfg.name, mode="offline", resume_step=start - 1)
+    logger.log({"reward/mean": 0.41, "loss/pg": 0.02}, step=7)
+    logger.log_eval(summary, step=200, samples_path=run_dir / "eval" / "samples.jsonl")
+    logger.finish("finished")
+
+Only rank 0 logs; every other rank gets a logger whose methods do nothing, so the training loop never
+branches on rank. Each `log` call appends one JSON line to `metrics.jsonl` and fsyncs it *before*
+wandb sees the numbers: a crash loses at most the step in flight, and analysis reads run dirs first
+(`analysis.runs`), wandb second.
+
+wandb is imported lazily and can never take a run down: `online` without a login, or with the server
+unreachable, warns once and continues `offline` (files in `<run_dir>/wandb/offline-run-*`, readable
+with `wandb leet inspect` and uploadable later with `wandb sync`). `WANDB_DIR` defaults to the run dir.
+
+Resume (a requeued job restarting after checkpoint step s passes `resume_step=s`): `metrics.jsonl` is
+rewritten atomically keeping only lines with step <= s and no torn last line, so no step appears
+twice. The wandb run id is stored in `run.json` (key `wandb_id`) and reused with `resume="allow"`.
+Departure to know about: wandb itself cannot rewind, so online it keeps its first copy of the steps
+s+1.. that ran before the crash and ignores the re-run ones (it warns); `metrics.jsonl` has the re-run
+ones. Offline, each attempt is its own `offline-run-*` dir under the same id and `analysis.runs`
+merges them with the later attempt winning.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import string
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+RUN_FILE = "run.json"
+WANDB_MODES = ("online", "offline", "disabled")
+INIT_TIMEOUT_S = 15.0  # bounds wandb's handshake with the server; on expiry we go offline
+TABLE_MAX_ROWS = 2000  # samples shown in the wandb eval table (all of them stay in samples.jsonl)
+TABLE_MAX_CHARS = 4000  # per text cell: head and tail kept, the middle elided
+
+_warned_offline = False  # warn about an online -> offline fallback once per process
+
+
+# ------------------------------------------------------------------------------------- files on disk
+def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
+    """The records of `run_dir/metrics.jsonl`, in file order. A torn last line (a crash mid-write) is
+    skipped. Eval records may share a step with the training record of that step."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return []
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue  # only the last line can be torn; a blank line is harmless too
+    return records
+
+
+def truncate_metrics(run_dir: Path | str, resume_step: int) -> int:
+    """Atomically rewrite `metrics.jsonl` keeping the complete lines with step <= `resume_step`.
+    Returns the number of lines dropped."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.exists():
+        return 0
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if json.loads(line)["step"] <= resume_step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue
+    _atomic_write(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
+
+
+def update_run_json(run_dir: Path | str, **fields: Any) -> dict[str, Any]:
+    """Read-modify-write `run_dir/run.json` atomically (temp file + os.replace); returns the result.
+    The training loop and the logger both write this file: use this, never a blind overwrite."""
+    path = Path(run_dir) / RUN_FILE
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.update(fields)
+    _atomic_write(path, json.dumps(data, indent=2) + "\n")
+    return data
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _stable_wandb_id(run_dir: Path) -> str:
+    path = run_dir / RUN_FILE
+    existing = json.loads(path.read_text()).get("wandb_id") if path.exists() else None
+    if existing:
+        return existing
+    # wandb's own alphabet and length; `wandb.util.generate_id` is gone in wandb 0.31
+    new_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+    return update_run_json(run_dir, wandb_id=new_id)["wandb_id"]
+
+
+def flatten_eval(summary: dict[str, Any]) -> dict[str, float]:
+    """`eval/summary.json` -> {"eval/<bench>/{avg,pass,maj}": x, "eval/average/{avg,pass,maj}": x}."""
+    flat = {}
+    for bench, stats in summary.get("benchmarks", {}).items():
+        for stat in ("avg", "pass", "maj"):
+            if stats.get(stat) is not None:
+                flat[f"eval/{bench}/{stat}"] = float(stats[stat])
+    for stat, value in summary.get("average", {}).items():
+        if value is not None:
+            flat[f"eval/average/{stat}"] = float(value)
+    return flat
+
+
+# ------------------------------------------------------------------------------------------- logger
+class WandbFallbackWarning(UserWarning):
+    """wandb could not go online (no login, server unreachable) or failed mid-run; metrics.jsonl is intact."""
+
+
+class RunLogger:
+    """Rank 0 writes `metrics.jsonl` and (mode != "disabled") a wandb run; other ranks do nothing.
+
+    `mode`: "online" | "offline" | "disabled". `resume_step`: the checkpoint step a resumed run restarts
+    after (None for a fresh run; a fresh run that finds an old `metrics.jsonl` moves it to
+    `metrics.jsonl.prev`). Also a context manager: leaving the block finishes with "finished", or with
+    "failed" on an exception.
+    """
+
+    def __init__(
+        self,
+        run_dir: Path | str,
+        *,
+        config: dict[str, Any],
+        name: str,
+        mode: str = "offline",
+        project: str = "mtp_occ",
+        entity: str | None = None,
+        group: str | None = None,
+        tags: list[str] | None = None,
+        job_type: str = "train",
+        resume_step: int | None = None,
+        rank: int = 0,
+    ):
+        self.run_dir = Path(run_dir)
+        self._file = None
+        self._wandb_run = None
+        if rank != 0:
+            return
+        if mode not in WANDB_MODES:
+            raise ValueError(f"wandb mode must be one of {WANDB_MODES}, got {mode!r} (set wandb.mode=...)")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._open_metrics(resume_step)
+        if mode != "disabled":
+            init_args = dict(
+                project=project, entity=entity, group=group, tags=list(tags or []), job_type=job_type,
+                name=name, config=config, dir=os.environ.get("WANDB_DIR", str(self.run_dir)),
+            )
+            self._wandb_run = _init_wandb(self.run_dir, mode, init_args)
+
+    @property
+    def wandb_run(self) -> Any:
+        """The live `wandb.Run`, or None (disabled, not rank 0, or wandb failed)."""
+        return self._wandb_run
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        """Append {"step": step, **metrics} to metrics.jsonl (fsynced), then send it to wandb."""
+        if self._file is None:
+            return
+        self._append({k: _scalar(v) for k, v in metrics.items()}, step)
+        self._wandb_log(metrics, step)
+
+    def log_eval(self, summary: dict[str, Any], step: int, samples_path: Path | str | None = None) -> None:
+        """Log an evaluation (`eval/summary.json`'s schema) as flat `eval/<bench>/<stat>` metrics, and
+        up to TABLE_MAX_ROWS samples (the first sample of each problem) as the wandb table `eval/samples`."""
+        if self._file is None:
+            return
+        flat = flatten_eval(summary)
+        self._append(flat, step)
+        if self._wandb_run is not None and samples_path is not None and Path(samples_path).exists():
+            table = _samples_table(Path(samples_path))
+            if table is not None:
+                flat = {**flat, "eval/samples": table}
+        self._wandb_log(flat, step)
+
+    def finish(self, status: str = "finished") -> None:
+        """Close metrics.jsonl and the wandb run (exit code 0 only for status "finished"). Idempotent."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._wandb_run is not None:
+            run, self._wandb_run = self._wandb_run, None
+            try:
+                run.summary["status"] = status
+                run.finish(exit_code=0 if status == "finished" else 1)
+            except Exception as e:  # noqa: BLE001 - wandb must not fail the run at its very end
+                _warn(f"wandb finish failed ({e!r}); metrics.jsonl is complete")
+
+    def __enter__(self) -> RunLogger:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.finish("failed" if exc_type is not None else "finished")
+
+    # ------------------------------------------------------------------------------------- internals
+    def _open_metrics(self, resume_step: int | None) -> None:
+        path = self.run_dir / METRICS_FILE
+        if resume_step is not None:
+            truncate_metrics(self.run_dir, resume_step)
+        elif path.exists() and path.stat().st_size > 0:
+            os.replace(path, path.with_name(METRICS_FILE + ".prev"))
+            warnings.warn(f"{path} existed on a fresh start; moved it to {METRICS_FILE}.prev", stacklevel=3)
+        self._file = open(path, "a")  # noqa: SIM115 - held open for the run's lifetime
+
+    def _append(self, metrics: dict[str, Any], step: int) -> None:
+        self._file.write(json.dumps({"step": int(step), **metrics}) + "\n")
+        self._file.flush()
+        os.fsync(self._file.fileno())
+
+    def _wandb_log(self, metrics: dict[str, Any], step: int) -> None:
+        if self._wandb_run is None:
+            return
+        try:
+            self._wandb_run.log(metrics, step=int(step))
+        except Exception as e:  # noqa: BLE001 - wandb must never take the run down
+            _warn(f"wandb.log failed ({e!r}); wandb is off for the rest of this run, metrics.jsonl goes on")
+            self._wandb_run = None
+
+
+def _init_wandb(run_dir: Path, mode: str, init_args: dict[str, Any]) -> Any:
+    """wandb.init with a stable id; online falls back to offline, offline failing means no wandb."""
+    import wandb
+
+    init_args = {**init_args, "id": _stable_wandb_id(run_dir), "resume": "allow"}
+    if mode == "online":
+        # silent: otherwise wandb looks up the user name to greet them, unbounded by init_timeout
+        # (~8 s more against an unreachable server).
+        settings = wandb.Settings(init_timeout=INIT_TIMEOUT_S, silent=True)
+        try:
+            run = wandb.init(mode="online", settings=settings, **init_args)
+            print(f"wandb: logging online to {run.url}")
+            return run
+        except Exception as e:  # noqa: BLE001 - no login, no network, server down: all mean offline
+            _warn_once(f"wandb could not go online ({type(e).__name__}: {str(e).splitlines()[0]}); "
+                  f"logging offline to {init_args['dir']}/wandb (upload later with `wandb sync`)")
+            try:
+                wandb.teardown()  # a failed init leaves its run id registered in wandb's service
+            except Exception:  # noqa: BLE001
+                pass
+    try:
+        return wandb.init(mode="offline", settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **init_args)
+    except Exception as e:  # noqa: BLE001
+        _warn(f"wandb offline init failed ({e!r}); only metrics.jsonl is written")
+        return None
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, WandbFallbackWarning, stacklevel=3)
+
+
+def _warn_once(message: str) -> None:
+    global _warned_offline
+    if not _warned_offline:
+        _warned_offline = True
+        _warn(message)
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if hasattr(value, "item") else value  # 0-d tensors and numpy scalars
+
+
+def _samples_table(path: Path) -> Any:
+    import wandb
+
+    columns = ["benchmark", "id", "sample", "prompt", "completion", "answer", "extracted", "score", "timeout"]
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if rec.get("sample", 0) != 0:
+                continue
+            rows.append([_clip(rec.get(c)) for c in columns])
+            if len(rows) >= TABLE_MAX_ROWS:
+                break
+    return wandb.Table(columns=columns, data=rows) if rows else None
+
+
+def _clip(value: Any) -> Any:
+    if not isinstance(value, str) or len(value) <= TABLE_MAX_CHARS:
+        return value
+    half = TABLE_MAX_CHARS // 2  # keep the tail: the answer is at the end of a completion
+    return f"{value[:half]} […{len(value) - 2 * half} chars…] {value[-half:]}"

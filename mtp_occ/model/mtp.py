@@ -1,0 +1,166 @@
+"""Sequential MTP layers (DeepSeek-V3 / MiMo style) on top of any HF causal LM, with configurable
+gradient paths and log-probs aligned for RL.
+
+Depth k = 1..K shares the embedding E and the output head H with the main model:
+    h^0_t  = last hidden state of the backbone (after its final norm)               [B,T,D]
+    z^k_t  = P_k · concat(norm_h(h^{k-1}_t), norm_e(E(x_{t+k})))   (order: `concat_order`)
+    h^k    = final_norm_k(Block_k(z^k))         (one causal decoder block of the backbone's own class)
+    logits^k_t = H(h^k_t)                       predicts x_{t+k+1}
+
+Alignment (the part frameworks get wrong, DESIGN §1.1). Everything returned is *prediction-aligned* like
+the main head: index t scores the token x_{t+1}.
+- `logprob_BT[t]      = log π(x_{t+1} | x_{≤t})`
+- `mtp_logprob_KBT[k-1, t] = log p_k(x_{t+1} | h^{k-1}_{t-k}, E(x_{t-k+1..t}))`: depth k's raw prediction
+  at position t−k, rolled right by k, so every depth scores the same token as the main head.
+- masks, from the *input-aligned* `response_mask_BT` (1 on generated tokens):
+  `loss_mask_BT[t] = response[t+1]`; `mtp_ce_mask_KBT[k-1,t] = response[t+1] ∧ real(t−k)` (labels rolled
+  left by k+1 from the input-aligned mask: the first response token is supervised, from prompt inputs);
+  `mtp_rl_mask_KBT[k-1,t] = response[t+1] ∧ response[t−k+1]` (the MTP inputs lie inside the response: the
+  first k response positions have no MTP prediction from inside the response and are masked explicitly).
+Sequences are never packed here, so nothing rolls across a boundary; wrapped positions are masked.
+
+Gradient paths (`GradPathConfig`): `embedding` detaches E's weight where the MTP layers read it,
+`backbone` detaches h^0, `lm_head` detaches H's weight for the MTP logits. The MTP layers always train.
+The embedding table still receives MTP gradient *through the backbone* when `backbone=true`: one forward
+pass cannot split the backbone's input gradient by source, and the paper's code detaches inputs the same
+way. Models with tied embeddings share one tensor between `embedding` and `lm_head`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mtp_occ.config import ConcatOrder, GradPathConfig
+
+ALL_PATHS = GradPathConfig(embedding=True, backbone=True, lm_head=True)
+
+
+def token_logprob_BT(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log softmax(logits / temperature)[target] in float32, without materialising a second [B,T,V]."""
+    logits_BTV = logits_BTV.float()
+    if temperature != 1.0:
+        logits_BTV = logits_BTV / temperature
+    picked_BT = logits_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
+    return picked_BT - torch.logsumexp(logits_BTV, dim=-1)
+
+
+def shift_left_BT(x_BT: torch.Tensor, n: int, fill: int | float | bool = 0) -> torch.Tensor:
+    """out[:, t] = x[:, t+n]; the last n columns are `fill` (never wrapped)."""
+    out = torch.full_like(x_BT, fill)
+    if n < x_BT.shape[1]:
+        out[:, : x_BT.shape[1] - n] = x_BT[:, n:]
+    return out
+
+
+def shift_right_BT(x_BT: torch.Tensor, n: int, fill: int | float | bool = 0) -> torch.Tensor:
+    """out[:, t] = x[:, t−n]; the first n columns are `fill`."""
+    out = torch.full_like(x_BT, fill)
+    if n < x_BT.shape[1]:
+        out[:, n:] = x_BT[:, : x_BT.shape[1] - n]
+    return out
+
+
+def aligned_masks(attention_mask_BT: torch.Tensor, response_mask_BT: torch.Tensor, depth: int
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss_mask_BT, mtp_ce_mask_KBT, mtp_rl_mask_KBT) as bool, see the module docstring."""
+    resp_BT = response_mask_BT.bool() & attention_mask_BT.bool()
+    real_BT = attention_mask_BT.bool()
+    loss_BT = shift_left_BT(resp_BT, 1, False)
+    ce, rl = [], []
+    for k in range(1, depth + 1):
+        ce.append(loss_BT & shift_right_BT(real_BT, k, False))
+        rl.append(loss_BT & shift_right_BT(resp_BT, k - 1, False) & shift_right_BT(real_BT, k, False))
+    return loss_BT, torch.stack(ce), torch.stack(rl)
+
+
+@dataclass
+class MTPOutput:
+    logprob_BT: torch.Tensor
+    mtp_logprob_KBT: torch.Tensor
+    loss_mask_BT: torch.Tensor
+    mtp_ce_mask_KBT: torch.Tensor
+    mtp_rl_mask_KBT: torch.Tensor
+    mtp_ce_K: torch.Tensor  # masked token CE per depth (mean over this batch's valid tokens)
+
+
+class MTPLayer(nn.Module):
+    """One MTP depth. Submodule names follow MiMo's checkpoint layout (`block.` holds the decoder
+    layer's `input_layernorm, self_attn, post_attention_layernorm, mlp`)."""
+
+    def __init__(self, hf_config, block: nn.Module, norm_cls: type[nn.Module], concat_order: ConcatOrder):
+        super().__init__()
+        d, eps = hf_config.hidden_size, getattr(hf_config, "rms_norm_eps", 1e-6)
+        self.concat_order = concat_order
+        self.token_layernorm = norm_cls(d, eps=eps)
+        self.hidden_layernorm = norm_cls(d, eps=eps)
+        self.input_proj = nn.Linear(2 * d, d, bias=False)
+        self.block = block
+        self.final_layernorm = norm_cls(d, eps=eps)
+
+    def forward(self, h_prev_BTD, e_BTD, attn_mask, position_ids_BT, position_embeddings):
+        h_BTD, e_BTD = self.hidden_layernorm(h_prev_BTD), self.token_layernorm(e_BTD)
+        parts = [h_BTD, e_BTD] if self.concat_order is ConcatOrder.hidden_first else [e_BTD, h_BTD]
+        z_BTD = self.input_proj(torch.cat(parts, dim=-1))
+        z_BTD = self.block(z_BTD, attention_mask=attn_mask, position_ids=position_ids_BT,
+                           position_embeddings=position_embeddings)
+        if isinstance(z_BTD, tuple):  # older decoder layers return (hidden, ...)
+            z_BTD = z_BTD[0]
+        return self.final_layernorm(z_BTD)
+
+
+class MTPModel(nn.Module):
+    """An HF causal LM (`self.lm`, used as is for generation) plus `self.mtp`, K `MTPLayer`s."""
+
+    def __init__(self, lm: nn.Module, mtp: nn.ModuleList, concat_order: ConcatOrder):
+        super().__init__()
+        self.lm, self.mtp, self.concat_order = lm, mtp, concat_order
+
+    @property
+    def depth(self) -> int:
+        return len(self.mtp)
+
+    def shared_parameters(self) -> dict[str, list[nn.Parameter]]:
+        """The shared parameter groups the MTP loss may reach, keyed like `GradPathConfig`
+        (with tied embeddings `embedding` and `lm_head` hold the same tensor)."""
+        emb = self.lm.get_input_embeddings().weight
+        backbone = [p for p in self.lm.model.parameters() if p is not emb]
+        return {"embedding": [emb], "backbone": backbone,
+                "lm_head": list(self.lm.get_output_embeddings().parameters())}
+
+    def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
+                response_mask_BT: torch.Tensor, grad_path: GradPathConfig = ALL_PATHS,
+                temperature: float = 1.0, with_mtp: bool = True) -> MTPOutput:
+        from transformers.masking_utils import create_causal_mask
+
+        pos_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+        backbone = self.lm.model
+        embeds_BTD = backbone.embed_tokens(input_ids_BT)
+        h_BTD = backbone(inputs_embeds=embeds_BTD, attention_mask=attention_mask_BT, position_ids=pos_BT).last_hidden_state
+        head = self.lm.get_output_embeddings()
+        logprob_BT = token_logprob_BT(head(h_BTD), shift_left_BT(input_ids_BT, 1), temperature)
+        loss_BT, ce_mask_KBT, rl_mask_KBT = aligned_masks(attention_mask_BT, response_mask_BT, self.depth)
+        logprob_BT = torch.where(loss_BT, logprob_BT, 0.0)
+        if not with_mtp:
+            empty = logprob_BT.new_zeros((0,) + tuple(logprob_BT.shape))
+            return MTPOutput(logprob_BT, empty, loss_BT, ce_mask_KBT[:0], rl_mask_KBT[:0], logprob_BT.new_zeros(0))
+        mask4d = create_causal_mask(config=backbone.config, inputs_embeds=embeds_BTD, attention_mask=attention_mask_BT,
+                                    past_key_values=None, position_ids=pos_BT)
+        rope = backbone.rotary_emb(h_BTD, position_ids=pos_BT)
+        emb_w = backbone.embed_tokens.weight if grad_path.embedding else backbone.embed_tokens.weight.detach()
+        head_w = head.weight if grad_path.lm_head else head.weight.detach()
+        head_b = None if head.bias is None else (head.bias if grad_path.lm_head else head.bias.detach())
+        h_prev = h_BTD if grad_path.backbone else h_BTD.detach()
+        mtp_lp, ces = [], []
+        for k, layer in enumerate(self.mtp, start=1):
+            e_BTD = F.embedding(shift_left_BT(input_ids_BT, k), emb_w)
+            h_prev = layer(h_prev, e_BTD, mask4d, pos_BT, rope)
+            raw_BT = token_logprob_BT(F.linear(h_prev, head_w, head_b), shift_left_BT(input_ids_BT, k + 1), temperature)
+            aligned_BT = torch.where(ce_mask_KBT[k - 1], shift_right_BT(raw_BT, k), 0.0)
+            mtp_lp.append(aligned_BT)
+            m = ce_mask_KBT[k - 1].to(aligned_BT.dtype)
+            ces.append(-(aligned_BT * m).sum() / m.sum().clamp(min=1.0))
+        return MTPOutput(logprob_BT, torch.stack(mtp_lp), loss_BT, ce_mask_KBT, rl_mask_KBT, torch.stack(ces))

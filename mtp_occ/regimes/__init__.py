@@ -1,0 +1,111 @@
+"""Regimes: how the MTP head joins the RL update. A regime is three things and nothing else:
+the gradient path (which shared parameters the MTP loss reaches), the MTP loss, and the coefficient λ.
+
+    loss = pg_loss + mtp_term,   mtp_term, metrics = regime.mtp_term(inputs)
+
+The training loop never branches on a regime's name. A new regime is one new file in this package that
+defines a `RegimeConfig` subclass with a `build()` method and calls `register(...)`; the config store,
+`regime=<name>` on the command line and the contract tests (parametrised over `REGIME_CONFIGS`) pick it
+up automatically.
+
+| regime        | MTP loss                         | grad_path            | λ                         |
+|---------------|----------------------------------|----------------------|---------------------------|
+| detach        | token CE on the rollout tokens   | none                 | lam (trains the head only)|
+| detach_compat | token CE                         | lm_head only         | lam (the released code)   |
+| ce            | token CE                         | all                  | lam × schedule            |
+| policy        | the main head's clipped loss     | all                  | lam × schedule            |
+| occ           | the main head's clipped loss     | all                  | λ₊ × schedule × ĉ/(v̂²+ε)  |
+| occ_compat    | as occ, unmasked mean of ratios  | all                  | λ₊ = 0.1                  |
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from mtp_occ.config import GradPathConfig, RegimeConfig
+
+# name -> config node (a RegimeConfig subclass instance); filled by the regime modules below
+REGIME_CONFIGS: dict[str, RegimeConfig] = {}
+
+
+def register(node: RegimeConfig) -> RegimeConfig:
+    if node.name in REGIME_CONFIGS:
+        raise ValueError(f"regime {node.name!r} registered twice")
+    REGIME_CONFIGS[node.name] = node
+    return node
+
+
+@dataclass
+class MtpTermInputs:
+    """Everything a regime may use for one (micro-)batch. Shapes: B sequences, T tokens, K depths.
+
+    `policy_loss_fn(logprob_BT, mask_BT)` is the main head's clipped loss with old log-probs,
+    advantages, clipping, aggregation and the mini-batch denominator already bound; regimes call it with
+    the MTP log-probs so the MTP term is *the same* loss as the main head's."""
+
+    logprob_BT: torch.Tensor  # main head, current policy (with grad)
+    old_logprob_BT: torch.Tensor  # main head at rollout time
+    mtp_logprob_KBT: torch.Tensor  # MTP heads scoring the same target tokens (grad per grad_path)
+    mtp_ce_mask_KBT: torch.Tensor  # target is a response token (labels rolled left by k+1)
+    mtp_rl_mask_KBT: torch.Tensor  # ... and the MTP inputs lie inside the response
+    mtp_tokens_K: list[float]  # CE-mask tokens per depth in the whole mini-batch (CE normaliser)
+    mtp_denom_K: list[float]  # the policy loss's normaliser per depth for the mini-batch (`loss_denominator`)
+    policy_loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]]
+    coef_scale: float  # the coefficient schedule's multiplier at this progress
+
+
+class Regime(Protocol):
+    grad_path: GradPathConfig
+
+    def mtp_term(self, x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+def mtp_ce(x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """Mean over depths of the masked token cross-entropy of each MTP head on the rollout tokens."""
+    ces = []
+    for k in range(x.mtp_logprob_KBT.shape[0]):
+        m = x.mtp_ce_mask_KBT[k].to(x.mtp_logprob_KBT.dtype)
+        ces.append(-(x.mtp_logprob_KBT[k] * m).sum() / max(x.mtp_tokens_K[k], 1.0))
+    ce = torch.stack(ces).mean()
+    return ce, {"mtp/ce": float(ce.detach())}
+
+
+def mtp_policy_loss(x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    """The main head's clipped policy loss evaluated with each depth's log-prob in place of logp
+    (importance ratio exp(logp_mtp − logp_old_main)), averaged over depths."""
+    losses, clipfracs = [], []
+    for k in range(x.mtp_logprob_KBT.shape[0]):
+        loss, m = x.policy_loss_fn(x.mtp_logprob_KBT[k], x.mtp_rl_mask_KBT[k], denom=x.mtp_denom_K[k])
+        losses.append(loss)
+        clipfracs.append(m["clipfrac"])
+    loss = torch.stack(losses).mean()
+    return loss, {"mtp/clipfrac": sum(clipfracs) / len(clipfracs)}
+
+
+class Stateless:
+    """Mixin for regimes without state to checkpoint."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def build_regime(cfg: RegimeConfig) -> Regime:
+    """Build the regime for a converted config (dispatch happens here, once)."""
+    return cfg.build()  # type: ignore[attr-defined]
+
+
+# import for registration side effects (order = display order)
+from mtp_occ.regimes import ce, detach, occ, policy  # noqa: E402,F401
+
+__all__ = ["REGIME_CONFIGS", "MtpTermInputs", "Regime", "build_regime", "register", "mtp_ce", "mtp_policy_loss"]

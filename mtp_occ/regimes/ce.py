@@ -1,0 +1,34 @@
+"""`ce`: joint token cross-entropy of the MTP head into the shared weights with a fixed λ × schedule.
+The paper finds it hurts: the CE gradient is nearly orthogonal to the RL gradient (c ≈ 0), so only the
+perturbation penalty −(Lη²λ²/2)·v² is left."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mtp_occ.config import RegimeConfig
+from mtp_occ.regimes import MtpTermInputs, Stateless, mtp_ce, register
+
+
+@dataclass
+class CeConfig(RegimeConfig):
+    name: str = "ce"
+    lam: float = 0.1
+
+    def build(self) -> CeRegime:
+        return CeRegime(self)
+
+
+class CeRegime(Stateless):
+    def __init__(self, cfg: CeConfig):
+        self.cfg, self.grad_path = cfg, cfg.grad_path
+
+    def mtp_term(self, x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:
+        ce, metrics = mtp_ce(x)
+        lam = self.cfg.lam * x.coef_scale
+        return lam * ce, {**metrics, "mtp/lambda": lam}
+
+
+register(CeConfig())

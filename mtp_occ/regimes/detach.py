@@ -1,0 +1,40 @@
+"""`detach`: the MTP head trains on token CE of the rollout tokens; no MTP gradient reaches shared
+weights (the baseline). `detach_compat` reproduces the paper's released code, which detached only the
+embedding and hidden-state inputs, so its "Detach" still trained the untied LM head with the MTP loss.
+
+λ only scales the MTP head's own learning rate here; the schedule is applied like everywhere else."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from mtp_occ.config import GradPathConfig, RegimeConfig
+from mtp_occ.regimes import MtpTermInputs, Stateless, mtp_ce, register
+
+
+@dataclass
+class DetachConfig(RegimeConfig):
+    name: str = "detach"
+    lam: float = 0.1
+    grad_path: GradPathConfig = field(
+        default_factory=lambda: GradPathConfig(embedding=False, backbone=False, lm_head=False))
+
+    def build(self) -> DetachRegime:
+        return DetachRegime(self)
+
+
+class DetachRegime(Stateless):
+    def __init__(self, cfg: DetachConfig):
+        self.cfg, self.grad_path = cfg, cfg.grad_path
+
+    def mtp_term(self, x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:
+        ce, metrics = mtp_ce(x)
+        lam = self.cfg.lam * x.coef_scale
+        return lam * ce, {**metrics, "mtp/lambda": lam}
+
+
+register(DetachConfig())
+register(DetachConfig(name="detach_compat",
+                      grad_path=GradPathConfig(embedding=False, backbone=False, lm_head=True)))

@@ -1,0 +1,1 @@
+"""Pure RL math: GRPO/DAPO/GSPO losses (`grpo`), the OCC estimator (`occ`), exact diagnostics."""
