@@ -38,6 +38,7 @@ import yaml
 from mtp_occ.log import METRICS_FILE, RUN_FILE, read_metrics
 
 CONFIG_COLUMNS = ["sweep", "regime", "coef_schedule", "seed", "model", "lam", "lambda_plus", "status"]
+CONFIG_KEYS = ["lam", "lambda_plus", "coef_schedule"]  # what distinguishes runs of one regime
 METRIC_COLUMNS = ["run", "step", "metric", "value"]
 EVAL_COLUMNS = ["run", "step", "benchmark", "stat", "value"]
 _EVAL_METRIC = re.compile(r"^eval/(?P<benchmark>[^/]+)/(?P<stat>[^/]+)$")
@@ -115,6 +116,22 @@ def _long(records: Iterable[tuple[int, dict[str, Any]]]) -> pd.DataFrame:
     return frame.drop_duplicates(["step", "metric"], keep="last")  # a re-logged step: the last wins
 
 
+def main_config_runs(frame: pd.DataFrame, verbose: bool = True) -> pd.DataFrame:
+    """Per regime, only the runs of its most common (lam, lambda_plus, coef_schedule): the main sweep's
+    comparison when a root also holds ablations (Table 1, the figures). Prints what it leaves out."""
+    key = pd.Series([", ".join(f"{k}={v}" for k, v in zip(CONFIG_KEYS, values, strict=True))
+                     for values in frame[CONFIG_KEYS].itertuples(index=False)], index=frame.index, dtype=object)
+    keep = pd.Series(False, index=frame.index)
+    for regime, rows in frame.groupby("regime"):
+        counts = rows.groupby(key[rows.index])["run"].nunique()
+        best = counts.idxmax()
+        keep |= (frame["regime"] == regime) & (key == best)
+        if len(counts) > 1 and verbose:
+            left_out = sorted(set(rows.loc[key[rows.index] != best, "run"]))
+            print(f"{regime}: using the runs with {best}; leaving out {left_out}")
+    return frame[keep]
+
+
 # ---------------------------------------------------------------------------------------- run dirs
 def find_run_dirs(root: Path | str) -> list[Path]:
     """Run dirs under `root` (any depth): dirs holding metrics.jsonl or eval/summary.json."""
@@ -138,7 +155,8 @@ def load_run_dirs(root: Path | str) -> pd.DataFrame:
     frames = []
     for run_dir in find_run_dirs(root):
         info = run_info(run_dir)
-        frame = _long((rec["step"], rec) for rec in read_metrics(run_dir) if "step" in rec)
+        records = read_metrics(run_dir)
+        frame = _long((rec["step"], {k: v for k, v in rec.items() if k != "step"}) for rec in records if "step" in rec)
         frame.insert(0, "run", info["run"])
         frames.append(_with_columns(frame, METRIC_COLUMNS, info))
     return _concat(frames, METRIC_COLUMNS)
@@ -199,10 +217,16 @@ def inspect_wandb_file(path: Path) -> dict[str, Any]:
         if record.get("type") == "history":
             item = record["history"].get("item", {})
             step = record["history"].get("step", {}).get("num", item.get("_step", 0))
-            history.append((int(step), item))
+            history.append((int(step), _without_media(item)))
         elif record.get("type") == "run":
             group = record["run"].get("run_group") or group
     return {"summary": summary, "history": history, "group": group}
+
+
+def _without_media(item: dict[str, Any]) -> dict[str, Any]:
+    """Drop the flattened fields of logged media (a table's `<key>.nrows`, `<key>.size`, ...)."""
+    media = {k.removesuffix("._type") for k in item if k.endswith("._type")}
+    return {k: v for k, v in item.items() if k.split(".")[0] not in media}
 
 
 def _leet(path: Path, *flags: str) -> str:
@@ -215,7 +239,8 @@ def _leet(path: Path, *flags: str) -> str:
 
 def load_wandb_offline(root: Path | str, *, workers: int = 4) -> pd.DataFrame:
     """The history of every wandb run under `root` read from its local files, in `load_run_dirs`'s
-    shape. Attempts sharing a run id (a requeued run) are merged in file-name (= start time) order."""
+    shape. Attempts sharing a run id (a requeued run; a failed online attempt before an offline
+    fallback) are merged in start-time order, the later attempt winning a step both logged."""
     files = find_wandb_files(root)
     with ThreadPoolExecutor(max_workers=workers) as pool:  # each file is a short subprocess
         inspected = list(pool.map(inspect_wandb_file, files))
@@ -224,7 +249,7 @@ def load_wandb_offline(root: Path | str, *, workers: int = 4) -> pd.DataFrame:
         attempts.setdefault(run["summary"]["run_id"], []).append((path, run))
     frames = []
     for runs in attempts.values():
-        runs.sort(key=lambda pr: pr[0].parent.name)  # offline-run-YYYYMMDD_HHMMSS-<id>
+        runs.sort(key=lambda pr: _started(pr[0]))
         path, last = runs[-1]
         frame = _long(step_item for _, run in runs for step_item in run["history"])
         frame.insert(0, "run", last["summary"].get("name") or last["summary"]["run_id"])
@@ -232,6 +257,12 @@ def load_wandb_offline(root: Path | str, *, workers: int = 4) -> pd.DataFrame:
                 **config_columns(last["summary"].get("config") or {})}
         frames.append(_with_columns(frame, METRIC_COLUMNS, info))
     return _concat(frames, METRIC_COLUMNS)
+
+
+def _started(wandb_file: Path) -> str:
+    """The start time in the attempt dir's name: [offline-]run-YYYYMMDD_HHMMSS-<id>."""
+    match = re.search(r"run-(\d{8}_\d{6})-", wandb_file.parent.name)
+    return match.group(1) if match else wandb_file.parent.name
 
 
 def _sweep_of(wandb_file: Path) -> str | None:

@@ -242,7 +242,8 @@ def _init_wandb(run_dir: Path, mode: str, init_args: dict[str, Any]) -> Any:
     """wandb.init with a stable id; online falls back to offline, offline failing means no wandb."""
     import wandb
 
-    init_args = {**init_args, "id": _stable_wandb_id(run_dir), "resume": "allow"}
+    # create_new: a second logger in the process (an eval job after training) must not end the first
+    init_args = {**init_args, "id": _stable_wandb_id(run_dir), "resume": "allow", "reinit": "create_new"}
     if mode == "online":
         # silent: otherwise wandb looks up the user name to greet them, unbounded by init_timeout
         # (~8 s more against an unreachable server).
@@ -254,10 +255,13 @@ def _init_wandb(run_dir: Path, mode: str, init_args: dict[str, Any]) -> Any:
         except Exception as e:  # noqa: BLE001 - no login, no network, server down: all mean offline
             _warn_once(f"wandb could not go online ({type(e).__name__}: {str(e).splitlines()[0]}); "
                   f"logging offline to {init_args['dir']}/wandb (upload later with `wandb sync`)")
-            try:
-                wandb.teardown()  # a failed init leaves its run id registered in wandb's service
-            except Exception:  # noqa: BLE001
-                pass
+            if not isinstance(e, wandb.errors.UsageError):  # no login fails before anything starts
+                # a failed handshake leaves the run id registered in wandb's service, which would
+                # refuse the offline run; teardown clears it (and would end any other live run)
+                try:
+                    wandb.teardown()
+                except Exception:  # noqa: BLE001
+                    pass
     try:
         return wandb.init(mode="offline", settings=wandb.Settings(init_timeout=INIT_TIMEOUT_S), **init_args)
     except Exception as e:  # noqa: BLE001

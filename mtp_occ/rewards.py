@@ -23,8 +23,9 @@ How it departs from the references
       pred, every verify pair). We switch them off and give each item ONE float budget (`setitimer`) in the
       worker; the parent kills the worker at budget + `grace_s`, the backstop for hangs inside C code
       (a huge integer power never returns to the interpreter, so no signal handler can run).
-    - Plain e-notation answers ("4.5e33", Minerva gold) are rewritten to `4.5\\times10^{33}` on both sides:
-      LaTeX parsing reads them as 4.5*e*33.
+    - Plain-number spellings that LaTeX parsing gets wrong are rewritten on both sides: e-notation
+      ("4.5e33", 62 Minerva golds, read as 4.5*e*33) -> `4.5\\times10^{33}`; a bare percentage ("62.5%",
+      "8 \\%": a boxed percent does not parse) -> the number; "-1./3" -> "-1/3".
     - DAPO: scores 1/0 (verl returns +1/-1) and uses our `extract` mode, not "Answer:" lines in the last 300
       characters only; escaped braces `\\{ \\}` do not count when matching the box. The normaliser keeps
       the reference's quirks (e.g. it deletes every "a " and "an ").
@@ -36,6 +37,7 @@ How to use
     >>> from mtp_occ.rewards import grade
     >>> [v.score for v in grade(["so \\\\boxed{\\\\frac12}", "no box: 0.5"], ["0.5", "0.5"])]
     [1.0, 0.0]
+
     The default pool is created on first use (min(workers or cores, 8) processes), reused across calls and
     closed at exit. `with GradingPool(workers=4) as pool: pool.grade(...)` gives a private one.
 """
@@ -156,12 +158,22 @@ def dapo_equal(pred: str, gold: str) -> bool:
     return bool(pred) and pred == dapo_normalize(gold)
 
 
-_E_NOTATION = re.compile(r"^\s*([-+]?(?:\d+\.?\d*|\.\d+))[eE]([-+]?\d+)\s*$")
+_NUMBER = r"[-+]?(?:\d+\.?\d*|\.\d+)"
+_NUMBER_REWRITES = (
+    # "4.5e33" (Minerva): LaTeX parsing reads it as 4.5*e*33
+    (re.compile(rf"^\s*({_NUMBER})[eE]([-+]?\d+)\s*$"), lambda m: f"{m[1]}\\times10^{{{int(m[2])}}}"),
+    # "62.5%", "8 \\%" (OlympiadBench): a boxed percent does not parse at all; compare the number
+    (re.compile(rf"^\s*({_NUMBER})\s*\\?%\s*$"), lambda m: m[1]),
+    # "-1./3" (Minerva, Python-style float literal)
+    (re.compile(r"(\d)\.(?=/)"), lambda m: m[1]),
+)
 
 
 def _latex_number(text: str) -> str:
-    match = _E_NOTATION.match(text)
-    return f"{match[1]}\\times10^{{{int(match[2])}}}" if match else text
+    """Rewrite plain-number spellings LaTeX parsing gets wrong; applied to prediction and gold alike."""
+    for pattern, repl in _NUMBER_REWRITES:
+        text = pattern.sub(repl, text)
+    return text
 
 
 @functools.cache
@@ -341,14 +353,25 @@ class GradingPool:
         results: list[Verdict | None] = [None] * len(items)
         pending = deque(range(len(items)))
         with self._lock:
-            if self.closed:
-                raise RuntimeError("GradingPool.grade() after close(); create a new pool")
-            while len(self._workers) < self.size:
-                self._workers.append(self._start())
+            self._fill()
             while pending or any(w.items for w in self._workers):
                 self._dispatch(items, pending)
                 self._collect(results, pending, timeout_s + self.grace_s)
         return results  # type: ignore[return-value]
+
+    def start(self) -> GradingPool:
+        """Start every worker and wait until all are ready (optional: `grade()` starts them lazily)."""
+        with self._lock:
+            self._fill()
+            while not all(w.ready for w in self._workers):
+                self._collect([], deque(), float("inf"))
+        return self
+
+    def _fill(self) -> None:
+        if self.closed:
+            raise RuntimeError("GradingPool used after close(); create a new pool")
+        while len(self._workers) < self.size:
+            self._workers.append(self._start())
 
     def _start(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)

@@ -134,3 +134,16 @@ def _write_eval(run_dir: Path, summary: dict, final: bool) -> Path:
                                     "completion": "\\boxed{2}", "answer": "2", "extracted": "2",
                                     "score": 1.0, "timeout": False}) + "\n")
     return samples
+
+
+def isolate_wandb(monkeypatch, tmp_path: Path) -> None:
+    """Keep wandb off the network and out of $HOME: no login, a loopback server that refuses
+    connections, and its cache/config/data dirs under `tmp_path`."""
+    for var in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # loopback discard port: refused at once
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb_home" / "config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_home" / "cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_home" / "data"))
+    monkeypatch.setenv("NETRC", str(tmp_path / "wandb_home" / "netrc"))  # no stored login

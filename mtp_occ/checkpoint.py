@@ -1,0 +1,109 @@
+"""Atomic checkpoints: a run killed at any point resumes from its last complete checkpoint.
+
+Layout: `<run_dir>/checkpoints/step_000050/state.pt` (+ `COMPLETE`), and `checkpoints/latest` naming the
+newest complete one. A save writes into `step_XXXXXX.tmp-<pid>/`, fsyncs the files, renames the directory
+into place, fsyncs the parent, and only then replaces `latest` (temp file + fsync + `os.replace`). A crash at
+any moment therefore leaves either the previous checkpoint or the new one, never a torn one; leftover
+`.tmp-*` directories are ignored and cleaned on the next save. If `latest` is missing or names something
+incomplete, the newest directory with `COMPLETE` is used.
+
+`state.pt` holds everything that decides the rest of the run: model (MTP layers included), optimizer,
+LR scheduler, sampler position, regime state (OCC's EMA), RNG states and the step. Non-finite weights are
+refused: a NaN never reaches a checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+LATEST = "latest"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(str(path), os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_durable(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(ckpt_root: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
+    """Write `state` (+ RNG states) as step `step` atomically; keep the newest `keep` checkpoints."""
+    model_state = state.get("model", {})
+    bad = [k for k, v in model_state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise FloatingPointError(f"refusing to checkpoint step {step}: non-finite values in {bad[:3]}")
+    ckpt_root.mkdir(parents=True, exist_ok=True)
+    for stale in ckpt_root.glob("*.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    name = f"step_{step:06d}"
+    tmp = ckpt_root / f"{name}.tmp-{os.getpid()}"
+    tmp.mkdir()
+    with open(tmp / "state.pt", "wb") as f:
+        torch.save({**state, "step": step, "rng": rng_state()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    _write_durable(tmp / "COMPLETE", b"ok\n")
+    final = ckpt_root / name
+    if final.exists():  # re-saving a step after a resume: replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(ckpt_root)
+    _write_durable(ckpt_root / LATEST, name.encode())
+    for old in complete_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def complete_checkpoints(ckpt_root: Path) -> list[Path]:
+    """Complete checkpoint dirs, oldest first."""
+    if not ckpt_root.is_dir():
+        return []
+    return sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and (p / "COMPLETE").exists()
+                  and ".tmp-" not in p.name)
+
+
+def latest(ckpt_root: Path) -> Path | None:
+    pointer = ckpt_root / LATEST
+    if pointer.exists():
+        cand = ckpt_root / pointer.read_text().strip()
+        if (cand / "COMPLETE").exists():
+            return cand
+    done = complete_checkpoints(ckpt_root)
+    return done[-1] if done else None
+
+
+def load(ckpt_dir: Path) -> dict[str, Any]:
+    state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
+    set_rng_state(state["rng"])
+    return state

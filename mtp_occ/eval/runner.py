@@ -1,0 +1,121 @@
+"""The evaluation run: prompts -> k samples per problem -> grades -> metrics, with every sample saved.
+
+What it is
+    `evaluate(generate_fn, benchmarks, k=..., template=..., ...)` formats each problem with a prompt
+    template, asks `generate_fn(prompts, n)` for k completions per prompt (ONE call for all benchmarks, so a
+    vLLM engine can schedule everything at once), grades them with `mtp_occ.rewards.grade` and writes
+      out_dir/summary.json    settings + per-benchmark avg@k / pass@k / maj@k with 95% bootstrap CIs
+      out_dir/samples.jsonl   one line per sample: benchmark, id, sample, prompt, completion, answer,
+                              extracted, score, timeout
+    and, when `step` is given, a copy of the summary in out_dir/step_<step>/summary.json so periodic evals
+    survive the next one. Files are written atomically (temp file + os.replace). `flat_metrics(summary)`
+    flattens it for the logger (`eval/<bench>/avg`, ..., `eval/average/avg`, ...).
+
+How it departs from common harnesses
+    - Sampling settings (temperature, top_p, max_new_tokens) are the CALLER's to bind into `generate_fn`;
+      they are passed here only to be recorded next to the numbers they produced. Pass the same values.
+    - pass is pass@k with n = k (all k samples drawn), i.e. the fraction of problems with >= 1 correct
+      sample; "average" is the unweighted mean over benchmarks (AIME counts as much as MATH-500).
+    - Only the summary is kept per step; samples.jsonl is overwritten by each eval (k=32 x 1,547 problems
+      x 8k tokens is GBs). Keep them by giving each eval its own out_dir.
+
+How to use
+    summary = evaluate(generate_fn, [load_benchmark(b) for b in BENCHMARK_NAMES], k=32,
+                       template="qwen_boxed", tokenizer=tok, temperature=1.0, top_p=1.0,
+                       max_new_tokens=8192, grader="math_verify", timeout_s=2.0, out_dir=run_dir / "eval")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+
+from mtp_occ.eval.benchmarks import Benchmark
+from mtp_occ.eval.metrics import average_over, summarize
+from mtp_occ.eval.templates import format_prompt, get_template
+
+GenerateFn = Callable[[list[str], int], list[list[str]]]
+STATS = ("avg", "pass", "maj")
+
+
+def _write_atomic(path: Path, lines: Iterable[str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for line in lines:
+                f.write(line)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    _write_atomic(path, [json.dumps(obj, indent=2) + "\n"])
+
+
+def _generate(generate_fn: GenerateFn, prompts: list[str], k: int) -> list[list[str]]:
+    completions = generate_fn(prompts, k)
+    if len(completions) != len(prompts):
+        raise ValueError(f"generate_fn returned {len(completions)} lists for {len(prompts)} prompts; "
+                         "it must return one list of n completions per prompt")
+    bad = next((i for i, c in enumerate(completions) if len(c) != k), None)
+    if bad is not None:
+        raise ValueError(f"generate_fn returned {len(completions[bad])} completions for prompt {bad}, "
+                         f"expected n={k}")
+    return completions
+
+
+def _records(benchmarks: Sequence[Benchmark], prompts: list[str], completions: list[list[str]]) -> list[dict]:
+    problems = [(b.name, p) for b in benchmarks for p in b.problems]
+    return [{"benchmark": name, "id": p.id, "sample": j, "prompt": prompt, "completion": text,
+             "answer": p.answer}
+            for (name, p), prompt, samples in zip(problems, prompts, completions)
+            for j, text in enumerate(samples)]
+
+
+def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[Benchmark], *, k: int, template: str, tokenizer,
+             temperature: float, top_p: float, max_new_tokens: int, grader: str, timeout_s: float,
+             out_dir: str | os.PathLike, step: int | None = None, seed: int = 0, n_boot: int = 1000,
+             limit: int | None = None) -> dict:
+    """Sample, grade, score and save (see the module docstring); returns the summary dict.
+    `limit` keeps the first N problems of each benchmark (and is recorded); `seed` seeds the bootstrap."""
+    from mtp_occ.rewards import grade  # the grading pool only when an eval actually runs
+
+    if k < 1 or not benchmarks:
+        raise ValueError(f"evaluate() needs k >= 1 and at least one benchmark (got k={k}, "
+                         f"{len(benchmarks)} benchmarks)")
+    get_template(template)  # fail on a typo before generating anything
+    benchmarks = [Benchmark(b.name, b.problems[:limit] if limit else b.problems) for b in benchmarks]
+    prompts = [format_prompt(p.problem, template, tokenizer) for b in benchmarks for p in b.problems]
+    records = _records(benchmarks, prompts, _generate(generate_fn, prompts, k))
+    verdicts = grade([r["completion"] for r in records], [r["answer"] for r in records], grader=grader,
+                     timeout_s=timeout_s)
+    for record, verdict in zip(records, verdicts):
+        record.update(extracted=verdict.extracted, score=verdict.score, timeout=verdict.timeout)
+    per_bench = summarize(records, n_boot=n_boot, seed=seed)
+    summary = {
+        "step": step,
+        "settings": {"template": template, "temperature": float(temperature), "top_p": float(top_p),
+                     "max_new_tokens": int(max_new_tokens), "k": int(k), "grader": grader,
+                     "timeout_s": float(timeout_s), "seed": int(seed), "limit": limit},
+        "benchmarks": per_bench,
+        "average": average_over(per_bench),
+    }
+    out_dir = Path(out_dir)
+    _write_atomic(out_dir / "samples.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    if step is not None:
+        _write_json(out_dir / f"step_{step}" / "summary.json", summary)
+    _write_json(out_dir / "summary.json", summary)
+    return summary
+
+
+def flat_metrics(summary: dict) -> dict[str, float]:
+    """`eval/<bench>/{avg,pass,maj}` and `eval/average/{avg,pass,maj}` as floats, for metric loggers."""
+    out = {f"eval/{name}/{s}": float(stats[s]) for name, stats in summary["benchmarks"].items() for s in STATS}
+    out.update({f"eval/average/{s}": float(summary["average"][s]) for s in STATS})
+    return out

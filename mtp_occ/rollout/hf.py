@@ -1,0 +1,123 @@
+"""Reference rollout backend: batched HF `generate` with KV cache (runs anywhere, CPU included).
+
+Prompts are left-padded; each prompt is repeated `n` times consecutively so that rows [g·n, (g+1)·n)
+form GRPO group g. The response is everything after the prompt up to and including the first EOS;
+later positions are padding. Old log-probs are *not* taken from `generate`: the trainer recomputes them
+with its own forward (same kernels as the update), which is what the importance ratio needs.
+
+Sampling is seeded per call (`seed`), so a resumed run regenerates exactly the same rollouts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class RolloutBatch:
+    input_ids_BT: torch.Tensor
+    attention_mask_BT: torch.Tensor
+    response_mask_BT: torch.Tensor  # input-aligned: 1 on generated tokens (EOS included)
+    response_len_B: torch.Tensor
+    truncated_B: torch.Tensor  # True where no EOS was produced within max_new_tokens
+    prompt_idx_B: torch.Tensor  # which prompt (0..P-1) each row belongs to
+    completions: list[str]  # decoded responses (special tokens skipped)
+    prompt_truncated: int  # prompts cut to max_prompt_len (counted, logged)
+
+    def __len__(self) -> int:
+        return self.input_ids_BT.shape[0]
+
+    def select(self, rows: torch.Tensor) -> RolloutBatch:
+        """The rows `rows` (an index tensor), trailing all-padding columns kept (shapes stay static)."""
+        idx = rows.tolist()
+        return RolloutBatch(self.input_ids_BT[rows], self.attention_mask_BT[rows], self.response_mask_BT[rows],
+                            self.response_len_B[rows], self.truncated_B[rows], self.prompt_idx_B[rows],
+                            [self.completions[i] for i in idx], self.prompt_truncated)
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int, add_special_tokens: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Left-padded prompt ids and mask; over-long prompts keep their last `max_prompt_len` tokens."""
+    rows = tokenizer(prompts, add_special_tokens=add_special_tokens)["input_ids"]
+    cut = sum(len(r) > max_prompt_len for r in rows)
+    rows = [r[-max_prompt_len:] for r in rows]
+    P = max(map(len, rows))
+    ids = torch.full((len(rows), P), tokenizer.pad_token_id, dtype=torch.long)
+    attn = torch.zeros(len(rows), P, dtype=torch.long)
+    for i, r in enumerate(rows):
+        ids[i, P - len(r):], attn[i, P - len(r):] = torch.tensor(r), 1
+    return ids, attn, cut
+
+
+def response_mask_after_eos(gen_BR: torch.Tensor, eos_id: int | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask_BR, truncated_B): 1 up to and including the first EOS; truncated where no EOS appears."""
+    eos_ids = torch.tensor([eos_id] if isinstance(eos_id, int) else list(eos_id), device=gen_BR.device)
+    is_eos_BR = torch.isin(gen_BR, eos_ids)
+    seen_before_BR = (is_eos_BR.long().cumsum(-1) - is_eos_BR.long()) > 0
+    return (~seen_before_BR).long(), ~is_eos_BR.any(-1)
+
+
+@torch.no_grad()
+def generate(lm, tokenizer, prompts: list[str], n: int, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
+             max_new_tokens: int, max_prompt_len: int, batch_size: int = 0, seed: int = 0,
+             add_special_tokens: bool = True) -> RolloutBatch:
+    """`n` samples for each prompt (consecutive rows); `temperature=0` decodes greedily.
+    `add_special_tokens=False` for prompts already formatted by a chat template."""
+    ids_P, attn_P, cut = encode_prompts(tokenizer, prompts, max_prompt_len, add_special_tokens)
+    ids = ids_P.repeat_interleave(n, 0).to(lm.device)
+    attn = attn_P.repeat_interleave(n, 0).to(lm.device)
+    eos = tokenizer.eos_token_id
+    gen_kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
+                  use_cache=True)
+    if temperature > 0:
+        gen_kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
+    else:
+        gen_kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    step = batch_size or ids.shape[0]
+    devices = [lm.device] if lm.device.type == "cuda" else []
+    outs = []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        was_training = lm.training
+        lm.eval()
+        for s in range(0, ids.shape[0], step):
+            outs.append(lm.generate(input_ids=ids[s:s + step], attention_mask=attn[s:s + step], **gen_kw))
+        lm.train(was_training)
+    P = ids.shape[1]
+    R = max(o.shape[1] for o in outs) - P
+    gen = torch.full((ids.shape[0], R), tokenizer.pad_token_id, dtype=torch.long, device=ids.device)
+    row = 0
+    for o in outs:
+        gen[row:row + o.shape[0], : o.shape[1] - P] = o[:, P:]
+        row += o.shape[0]
+    resp_mask, truncated = response_mask_after_eos(gen, eos)
+    gen = gen.masked_fill(resp_mask == 0, tokenizer.pad_token_id)
+    completions = tokenizer.batch_decode(gen, skip_special_tokens=True)
+    return RolloutBatch(
+        input_ids_BT=torch.cat([ids, gen], 1), attention_mask_BT=torch.cat([attn, resp_mask], 1),
+        response_mask_BT=torch.cat([torch.zeros_like(attn), resp_mask], 1), response_len_B=resp_mask.sum(1),
+        truncated_B=truncated, prompt_idx_B=torch.arange(len(prompts)).repeat_interleave(n),
+        completions=completions, prompt_truncated=cut)
+
+
+def concat_batches(batches: list[RolloutBatch], pad_id: int = 0) -> RolloutBatch:
+    """Stack batches row-wise, right-padding shorter ones (positions come from the attention mask, so
+    a row's padding may sit on either side)."""
+    if len(batches) == 1:
+        return batches[0]
+    T = max(b.input_ids_BT.shape[1] for b in batches)
+
+    def pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        return torch.nn.functional.pad(x, (0, T - x.shape[1]), value=value)
+
+    return RolloutBatch(
+        input_ids_BT=torch.cat([pad(b.input_ids_BT, pad_id) for b in batches]),
+        attention_mask_BT=torch.cat([pad(b.attention_mask_BT, 0) for b in batches]),
+        response_mask_BT=torch.cat([pad(b.response_mask_BT, 0) for b in batches]),
+        response_len_B=torch.cat([b.response_len_B for b in batches]),
+        truncated_B=torch.cat([b.truncated_B for b in batches]),
+        prompt_idx_B=torch.cat([b.prompt_idx_B for b in batches]),
+        completions=[c for b in batches for c in b.completions],
+        prompt_truncated=sum(b.prompt_truncated for b in batches))

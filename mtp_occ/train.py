@@ -1,0 +1,228 @@
+"""The RL training loop, top to bottom: sample prompts -> rollouts -> rewards -> group advantages ->
+`updates_per_step` mini-batch updates of `pg_loss + mtp_term` -> metrics -> checkpoint -> evaluation.
+
+The loop never branches on the regime: the regime object supplies the gradient path, the MTP loss and
+λ (see `mtp_occ.regimes`). Everything a resumed run needs is in the checkpoint, and rollouts, mini-batch
+shuffles and evaluation sampling are seeded by (seed, step), so a run stopped after step k and resumed
+ends with exactly the metrics of an uninterrupted run (on CPU).
+
+Departures from the paper's verl setup: rollouts come from HF `generate` (`rollout=hf`) unless
+`rollout=vllm`; the old log-probs are recomputed by the trainer (as verl does); no KL and no entropy
+bonus (the paper's DAPO setting), and no reference model is loaded.
+
+Run it: `python -m mtp_occ.run [overrides]` (see README); `train(cfg, overrides)` is the API.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import torch
+
+from mtp_occ import checkpoint
+from mtp_occ.config import Config, plain_dict
+from mtp_occ.data import PromptSampler, build_prompts
+from mtp_occ.eval.policy import evaluate_policy
+from mtp_occ.eval.runner import flat_metrics
+from mtp_occ.eval.templates import format_prompt
+from mtp_occ.log import RunLogger, update_run_json
+from mtp_occ.model.load import build_policy
+from mtp_occ.regimes import build_regime
+from mtp_occ.rl.grpo import dynamic_sampling_keep_G, group_advantages, overlong_penalty
+from mtp_occ.rollout.hf import RolloutBatch, concat_batches, generate
+from mtp_occ.schedules import build_schedule
+from mtp_occ.update import old_logprobs, rl_update
+
+log = logging.getLogger(__name__)
+
+
+def step_seed(seed: int, step: int, salt: int = 0) -> int:
+    return (seed * 1_000_003 + step * 7_919 + salt) % (2**31 - 1)
+
+
+def prepare_run_dir(cfg: Config, overrides: list[str]) -> Path:
+    """Create `<run_root>/<name>/` with overrides.txt, config.yaml and run.json (status running)."""
+    from omegaconf import OmegaConf
+
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "overrides.txt").write_text("".join(f"{o}\n" for o in overrides))
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain_dict(cfg)))
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                                cwd=Path(__file__).parent).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        commit = None
+    prev = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    update_run_json(run_dir, name=cfg.name, host=socket.gethostname(), git_commit=commit,
+                    start_time=prev.get("start_time") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), end_time=None,
+                    world_size=int(os.environ.get("WORLD_SIZE", 1)), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+                    status="running")
+    return run_dir
+
+
+def build_optimizer(model, cfg: Config):
+    a = cfg.algo
+    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay)
+
+    def lr_lambda(step: int) -> float:
+        if step < a.lr_warmup_steps:
+            return (step + 1) / a.lr_warmup_steps
+        if a.lr_schedule.value == "cosine":
+            p = (step - a.lr_warmup_steps) / max(1, cfg.steps - a.lr_warmup_steps)
+            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
+        return 1.0
+
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+
+
+def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, step: int):
+    """Rollouts for `prompts_per_step` prompts, graded; with dynamic sampling, groups whose rewards are
+    all equal are dropped and refilled from fresh prompts (up to `dynamic_sampling_max_batches` tries)."""
+    from mtp_occ.rewards import grade, reward_metrics
+
+    a, r, G = cfg.algo, cfg.rollout, cfg.algo.group_size
+    batches, rewards, scores, verdicts, answers, tried = [], [], [], [], [], 0
+    kept = 0
+    for attempt in range(a.dynamic_sampling_max_batches if a.dynamic_sampling else 1):
+        items = [prompts[i] for i in sampler.next(a.prompts_per_step)]
+        texts = [format_prompt(p.problem, cfg.data.template, tok) for p in items]
+        batch = generate(model.lm, tok, texts, G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+                         max_new_tokens=r.max_new_tokens, max_prompt_len=r.max_prompt_len, batch_size=r.batch_size,
+                         seed=step_seed(cfg.seed, step, attempt), add_special_tokens=cfg.data.template == "plain")
+        gold = [p.answer for p in items for _ in range(G)]
+        v = grade(batch.completions, gold, grader=cfg.reward.grader, timeout_s=cfg.reward.timeout_s,
+                  extract=cfg.reward.extract, workers=cfg.reward.workers or None)
+        score_B = torch.tensor([x.score for x in v])
+        reward_B = score_B + overlong_penalty(batch.response_len_B, r.max_new_tokens, a.overlong_buffer,
+                                              a.overlong_factor)
+        tried += len(items)
+        keep_G = dynamic_sampling_keep_G(reward_B, G) if a.dynamic_sampling else torch.ones(len(items), dtype=torch.bool)
+        rows = (keep_G.nonzero().squeeze(1).unsqueeze(1) * G + torch.arange(G)).reshape(-1)
+        rows = rows[: max(0, (a.prompts_per_step - kept) * G)]
+        batches.append(batch.select(rows))
+        rewards.append(reward_B[rows]), scores.append(score_B[rows])
+        verdicts += [v[i] for i in rows.tolist()]
+        answers += [gold[i] for i in rows.tolist()]
+        kept += len(rows) // G
+        if kept >= a.prompts_per_step:
+            break
+    if kept == 0:
+        return None, {"groups/kept_frac": 0.0}
+    batch = concat_batches(batches)
+    reward_B, score_B = torch.cat(rewards), torch.cat(scores)
+    m = {"reward/mean": reward_B.mean().item(), "reward/std": reward_B.std().item() if len(reward_B) > 1 else 0.0,
+         "reward/acc": score_B.mean().item(), "groups/kept_frac": kept / tried,
+         "response/len_mean": batch.response_len_B.float().mean().item(),
+         "response/truncated_frac": batch.truncated_B.float().mean().item(),
+         "rollout/prompt_truncated": float(batch.prompt_truncated), **reward_metrics(verdicts)}
+    if cfg.reward.compare_with:
+        from mtp_occ.rewards import disagreement
+
+        other = grade(batch.completions, answers, grader=cfg.reward.compare_with, timeout_s=cfg.reward.timeout_s,
+                      extract=cfg.reward.extract)
+        m["reward/disagreement"] = disagreement(verdicts, other)
+    if cfg.data.source.value == "arith":
+        from mtp_occ.tasks.arith import step_accuracy
+
+        m["arith/step_acc"] = sum(step_accuracy("", c) for c in batch.completions) / len(batch)
+    return (batch, reward_B), m
+
+
+def evaluate_base(cfg: Config, model, tok, run_dir: Path, base_dir: Path | None) -> dict:
+    """The starting policy's evaluation, shared through the base cache when every setting matches."""
+    import hashlib
+
+    key = hashlib.sha256(json.dumps(plain_dict(cfg.eval), sort_keys=True).encode()).hexdigest()[:12]
+    cached = base_dir / f"eval_{key}" / "summary.json" if base_dir else None
+    if cached is not None and cached.exists():
+        summary = json.loads(cached.read_text())
+        (run_dir / "eval" / "base").mkdir(parents=True, exist_ok=True)
+        (run_dir / "eval" / "base" / "summary.json").write_text(json.dumps(summary, indent=1))
+        return summary
+    summary = evaluate_policy(cfg, model, tok, run_dir / "eval" / "base", step=None)
+    if cached is not None:
+        cached.parent.mkdir(exist_ok=True)
+        cached.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def train(cfg: Config, overrides: list[str]) -> dict:
+    """Train per `cfg`, evaluate, and return the final eval summary (plus timing)."""
+    from tqdm.auto import tqdm
+
+    t_start = time.time()
+    run_dir = prepare_run_dir(cfg, overrides)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    model, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.seed)
+    prompts = build_prompts(cfg.data, cfg.seed)
+    sampler = PromptSampler(len(prompts), cfg.seed, cfg.data.shuffle)
+    regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)
+    optimizer, lr_sched = build_optimizer(model, cfg)
+    ckpt_root, start, faults = run_dir / "checkpoints", 0, 0
+    if (last := checkpoint.latest(ckpt_root)) is not None:
+        st = checkpoint.load(last)
+        model.load_state_dict(st["model"]), optimizer.load_state_dict(st["optimizer"])
+        lr_sched.load_state_dict(st["lr_sched"]), sampler.load_state_dict(st["sampler"])
+        regime.load_state_dict(st["regime"])
+        start, faults = st["step"], st["faults"]
+        log.info("resumed from %s (step %d)", last, start)
+    wb = cfg.wandb
+    logger = RunLogger(run_dir, config=plain_dict(cfg), name=cfg.name, mode=wb.mode.value, project=wb.project,
+                       entity=wb.entity, group=wb.group or Path(cfg.run_root).resolve().name, tags=wb.tags,
+                       resume_step=start if last is not None else None)
+    base_eval = evaluate_base(cfg, model, tok, run_dir, base_dir) if cfg.eval.enabled else None
+    bad_streak, summary, metrics = 0, None, {}
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"RL {cfg.regime.name}", unit="step",
+               initial=start, total=cfg.steps, mininterval=2.0)
+    for step in bar:
+        t0 = time.perf_counter()
+        rollouts, metrics = collect_rollouts(cfg, model, tok, prompts, sampler, step)
+        t1 = time.perf_counter()
+        if rollouts is not None:
+            batch, reward_B = rollouts
+            adv_B = group_advantages(reward_B, cfg.algo.group_size, cfg.algo.norm_std, cfg.algo.adv_eps)
+            old_BT = old_logprobs(model, batch, cfg.algo.micro_batch_size, cfg.rollout.temperature)
+            t2 = time.perf_counter()
+            res = rl_update(model, optimizer, regime, batch, old_BT, adv_B, cfg.algo,
+                            coef_scale=coef((step - 1) / cfg.steps), temperature=cfg.rollout.temperature,
+                            seed=step_seed(cfg.seed, step, 17), group_size=cfg.algo.group_size)
+            metrics.update(res.metrics)
+            faults += res.skipped
+            bad_streak = bad_streak + 1 if res.skipped == cfg.algo.updates_per_step else 0
+            if bad_streak >= cfg.algo.max_bad_steps:
+                raise FloatingPointError(f"step {step}: {bad_streak} consecutive steps with every update skipped "
+                                         f"for a non-finite {res.bad_term} term; lower algo.lr or check the data")
+        else:
+            t2 = t1
+        lr_sched.step()
+        t3 = time.perf_counter()
+        metrics.update({"lr": lr_sched.get_last_lr()[0], "fault/skipped_total": float(faults),
+                        "time/rollout_s": t1 - t0, "time/old_logprob_s": t2 - t1, "time/update_s": t3 - t2,
+                        "time/step_s": t3 - t0})
+        if cfg.eval.enabled and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+            summary = evaluate_policy(cfg, model, tok, run_dir / "eval", step)
+            metrics.update(flat_metrics(summary))
+        logger.log(metrics, step)
+        if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+            checkpoint.save(ckpt_root, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                              "lr_sched": lr_sched.state_dict(), "sampler": sampler.state_dict(),
+                                              "regime": regime.state_dict(), "faults": faults},
+                            keep=cfg.keep_checkpoints)
+        bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                        lam=f"{metrics.get('mtp/lambda', 0.0):.3g}")
+    if summary is None and cfg.eval.enabled and (run_dir / "eval" / "summary.json").exists():
+        summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    logger.finish("finished")
+    update_run_json(run_dir, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status="finished")
+    return {"run_dir": str(run_dir), "base_eval": base_eval, "final_eval": summary, "last_metrics": metrics,
+            "seconds": time.time() - t_start}

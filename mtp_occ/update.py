@@ -1,0 +1,125 @@
+"""One RL step's optimisation: `updates_per_step` mini-batch updates, each `loss = pg_loss + mtp_term`.
+
+The rollout batch is cut into mini-batches of whole groups (a seeded shuffle of the groups, as verl
+does), each mini-batch is one optimizer update, optionally accumulated over micro-batches whose losses
+are normalised by the *mini-batch* denominators (so accumulation changes nothing but memory).
+
+Non-finite gradients skip the update (`fault/skipped_updates`) and the caller stops the run when that
+repeats; the message names the term that went non-finite (pg, mtp, or OCC's λ).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+
+from mtp_occ.config import AlgoConfig
+from mtp_occ.model.mtp import MTPModel
+from mtp_occ.regimes import MtpTermInputs, Regime
+from mtp_occ.rl.grpo import loss_denominator, policy_loss
+from mtp_occ.rollout.hf import RolloutBatch
+
+
+@dataclass
+class UpdateResult:
+    metrics: dict[str, float]
+    skipped: int  # updates skipped for non-finite gradients
+    bad_term: str | None  # which term was non-finite in the last skipped update
+
+
+def minibatch_rows(n_groups: int, group_size: int, updates: int, seed: int) -> list[torch.Tensor]:
+    """Row indices of each mini-batch: a seeded permutation of whole groups, split evenly."""
+    g = torch.Generator().manual_seed(seed)
+    groups = torch.randperm(n_groups, generator=g)
+    chunks = torch.tensor_split(groups, min(updates, n_groups))
+    return [(c.unsqueeze(1) * group_size + torch.arange(group_size)).reshape(-1) for c in chunks]
+
+
+@torch.no_grad()
+def old_logprobs(model: MTPModel, batch: RolloutBatch, micro: int, temperature: float) -> torch.Tensor:
+    """log π_old of every sampled token, recomputed by the trainer's own forward (main head only)."""
+    was = model.training
+    model.eval()
+    out = []
+    step = micro or len(batch)
+    for s in range(0, len(batch), step):
+        sl = slice(s, s + step)
+        out.append(model(batch.input_ids_BT[sl], batch.attention_mask_BT[sl], batch.response_mask_BT[sl],
+                         temperature=temperature, with_mtp=False).logprob_BT)
+    model.train(was)
+    return torch.cat(out)
+
+
+def _micro_step(model, regime: Regime, mb: RolloutBatch, old_BT, adv_B, algo: AlgoConfig, denoms: dict,
+                coef_scale: float, temperature: float) -> tuple[dict[str, float], str | None]:
+    out = model(mb.input_ids_BT, mb.attention_mask_BT, mb.response_mask_BT, grad_path=regime.grad_path,
+                temperature=temperature)
+    def loss_fn(logprob_BT, mask_BT, denom=None):
+        return policy_loss(logprob_BT, old_BT, adv_B, mask_BT, clip_low=algo.clip_low, clip_high=algo.clip_high,
+                           dual_clip=algo.dual_clip, agg=algo.agg, level=algo.level.value, denom=denom)
+
+    pg, pg_m = loss_fn(out.logprob_BT, out.loss_mask_BT, denom=denoms["pg"])
+    x = MtpTermInputs(out.logprob_BT, old_BT, out.mtp_logprob_KBT, out.mtp_ce_mask_KBT, out.mtp_rl_mask_KBT,
+                      denoms["mtp_tokens"], denoms["mtp"], loss_fn, coef_scale)
+    mtp_term, mtp_m = regime.mtp_term(x)
+    (pg + mtp_term).backward()
+    bad = None if math.isfinite(pg.item()) else "pg"
+    if bad is None and not math.isfinite(mtp_term.item()):
+        bad = "occ λ" if not math.isfinite(mtp_m.get("mtp/lambda", 0.0)) else "mtp"
+    metrics = {"loss/pg": pg.item(), "loss/mtp": mtp_term.item(), **{f"pg/{k}": v for k, v in pg_m.items()},
+               **mtp_m}
+    return metrics, bad
+
+
+def _merge_micro(micro: list[dict[str, float]]) -> dict[str, float]:
+    """Losses are already normalised by the mini-batch, so they add up; everything else is averaged."""
+    keys = {k for m in micro for k in m}
+    return {k: sum(m.get(k, 0.0) for m in micro) if k.startswith("loss/")
+            else sum(m[k] for m in micro if k in m) / sum(k in m for m in micro) for k in keys}
+
+
+def _denominators(mb: RolloutBatch, depth: int, agg: str) -> dict:
+    """Mini-batch normalisers, from the same masks the model's forward derives."""
+    from mtp_occ.model.mtp import aligned_masks
+
+    loss_BT, ce_KBT, rl_KBT = aligned_masks(mb.attention_mask_BT, mb.response_mask_BT, depth)
+    return {"pg": loss_denominator(loss_BT, agg), "mtp": [loss_denominator(rl_KBT[k], agg) for k in range(depth)],
+            "mtp_tokens": [float(ce_KBT[k].sum()) for k in range(depth)]}
+
+
+def rl_update(model: MTPModel, optimizer, regime: Regime, batch: RolloutBatch, old_BT: torch.Tensor,
+              adv_B: torch.Tensor, algo: AlgoConfig, *, coef_scale: float, temperature: float, seed: int,
+              group_size: int) -> UpdateResult:
+    """All mini-batch updates of one RL step; returns metrics averaged over updates."""
+    sums: dict[str, float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    skipped, bad_term = 0, None
+    model.train()
+    for rows in minibatch_rows(len(batch) // group_size, group_size, algo.updates_per_step, seed):
+        mb, mb_old, mb_adv = batch.select(rows), old_BT[rows], adv_B[rows]
+        denoms = _denominators(mb, model.depth, algo.agg)
+        optimizer.zero_grad(set_to_none=True)
+        step = algo.micro_batch_size or len(mb)
+        bad, micro = None, []
+        for s in range(0, len(mb), step):
+            r = torch.arange(s, min(s + step, len(mb)))
+            m, b = _micro_step(model, regime, mb.select(r), mb_old[r], mb_adv[r], algo, denoms, coef_scale,
+                               temperature)
+            bad, micro = bad or b, micro + [m]
+        for k, v in _merge_micro(micro).items():
+            sums[k] += v
+            counts[k] += 1
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), algo.grad_clip or float("inf"))
+        sums["grad/norm"] += float(norm)
+        counts["grad/norm"] += 1
+        if bad is not None or not torch.isfinite(norm):
+            optimizer.zero_grad(set_to_none=True)
+            skipped, bad_term = skipped + 1, bad or "gradient"
+            continue
+        optimizer.step()
+    metrics = {k: sums[k] / counts[k] for k in sums}
+    metrics["fault/skipped_updates"] = float(skipped)
+    return UpdateResult(metrics, skipped, bad_term)
