@@ -1,4 +1,4 @@
-"""`python -m analysis --run-root DIR --out DIR`: the same as `python -m analysis.tables` (tables + figures)."""
+"""`python -m analysis --run-root DIR --out DIR`: `python -m analysis.tables`, tables and figures."""
 
 from analysis.tables import main
 

@@ -52,13 +52,15 @@ def curves(metrics: pd.DataFrame, metric: str, smooth: int = 1) -> pd.DataFrame:
     a trailing rolling mean of `smooth` steps)."""
     rows = metrics[metrics["metric"] == metric].sort_values(["run", "step"])
     if smooth > 1:
-        rows = rows.assign(value=rows.groupby("run")["value"].transform(lambda v: v.rolling(smooth, 1).mean()))
+        smoothed = rows.groupby("run")["value"].transform(lambda v: v.rolling(smooth, min_periods=1).mean())
+        rows = rows.assign(value=smoothed)
     out = rows.groupby(["regime", "step"])["value"].agg(["mean", "std", "count"]).reset_index()
     out["std"] = out["std"].fillna(0.0)
     return out
 
 
-def _plot_band(ax: Axes, curve: pd.DataFrame, regime: str, marker: str | None = None, suffix: str = "") -> None:
+def _plot_band(ax: Axes, curve: pd.DataFrame, regime: str, marker: str | None = None,
+               suffix: str = "") -> None:
     color = _color(regime)
     label = REGIME_LABELS.get(regime, regime) + suffix
     ax.plot(curve["step"], curve["mean"], color=color, marker=marker, label=label)

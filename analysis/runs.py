@@ -120,7 +120,8 @@ def main_config_runs(frame: pd.DataFrame, verbose: bool = True) -> pd.DataFrame:
     """Per regime, only the runs of its most common (lam, lambda_plus, coef_schedule): the main sweep's
     comparison when a root also holds ablations (Table 1, the figures). Prints what it leaves out."""
     key = pd.Series([", ".join(f"{k}={v}" for k, v in zip(CONFIG_KEYS, values, strict=True))
-                     for values in frame[CONFIG_KEYS].itertuples(index=False)], index=frame.index, dtype=object)
+                     for values in frame[CONFIG_KEYS].itertuples(index=False)],
+                    index=frame.index, dtype=object)
     keep = pd.Series(False, index=frame.index)
     for regime, rows in frame.groupby("regime"):
         counts = rows.groupby(key[rows.index])["run"].nunique()
@@ -155,8 +156,8 @@ def load_run_dirs(root: Path | str) -> pd.DataFrame:
     frames = []
     for run_dir in find_run_dirs(root):
         info = run_info(run_dir)
-        records = read_metrics(run_dir)
-        frame = _long((rec["step"], {k: v for k, v in rec.items() if k != "step"}) for rec in records if "step" in rec)
+        records = [rec for rec in read_metrics(run_dir) if "step" in rec]
+        frame = _long((rec["step"], {k: v for k, v in rec.items() if k != "step"}) for rec in records)
         frame.insert(0, "run", info["run"])
         frames.append(_with_columns(frame, METRIC_COLUMNS, info))
     return _concat(frames, METRIC_COLUMNS)

@@ -13,8 +13,9 @@ Numbers: mean over seeds ± the half-width of a 95% t-interval over seeds; with 
 evaluation's own bootstrap CI over problems is shown instead (the "Average" column then has none).
 Best mean per column in bold. Table 1 wants one configuration per regime: when a regime has runs with
 several (lam, lambda_plus, coef_schedule), it keeps the one with the most runs (`main_config_runs`:
-the main sweep; the rest is Table 2's business) and prints which runs it left out. The paper (Table 1, avg@32, MiMo-7B-RL):
-OCC 61.7 > Detach 58.9 > Policy 57.4 > CE 47.7 on the six-benchmark average.
+the main sweep; the rest is Table 2's business) and prints which runs it left out.
+The paper (Table 1, avg@32, MiMo-7B-RL): OCC 61.7 > Detach 58.9 > Policy 57.4 > CE 47.7 on the
+six-benchmark average.
 """
 
 from __future__ import annotations
@@ -26,8 +27,18 @@ from pathlib import Path
 
 import pandas as pd
 
-from analysis.runs import (BENCHMARK_LABELS, REGIME_LABELS, eval_frame, evals_from_metrics, load_run_dirs,
-                           load_wandb_offline, main_config_runs, sort_benchmarks, sort_regimes)
+from analysis.figures import write_figures
+from analysis.runs import (
+    BENCHMARK_LABELS,
+    REGIME_LABELS,
+    eval_frame,
+    evals_from_metrics,
+    load_run_dirs,
+    load_wandb_offline,
+    main_config_runs,
+    sort_benchmarks,
+    sort_regimes,
+)
 
 # two-sided 95% Student-t quantiles for 1..30 degrees of freedom (no scipy needed); 1.96 beyond
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -60,8 +71,10 @@ def table2(evals: pd.DataFrame, stat: str = "avg") -> pd.DataFrame:
     """Fixed-λ policy runs (one row per λ and schedule) against OCC (one row per λ₊ and schedule)."""
     policy = evals[evals["regime"] == "policy"].sort_values(["lam", "coef_schedule"])
     occ = evals[evals["regime"] == "occ"].sort_values(["lambda_plus", "coef_schedule"])
-    policy = policy.assign(row=[f"Policy λ={lam:g} ({s})" for lam, s in zip(policy["lam"], policy["coef_schedule"])])
-    occ = occ.assign(row=[f"OCC λ₊={lp:g} ({s})" for lp, s in zip(occ["lambda_plus"], occ["coef_schedule"])])
+    policy = policy.assign(row=[f"Policy λ={lam:g} ({schedule})" for lam, schedule
+                                in zip(policy["lam"], policy["coef_schedule"], strict=True)])
+    occ = occ.assign(row=[f"OCC λ₊={lp:g} ({schedule})" for lp, schedule
+                          in zip(occ["lambda_plus"], occ["coef_schedule"], strict=True)])
     rows = pd.concat([policy, occ])
     table = _score_table(rows, list(dict.fromkeys(rows["row"])), stat)
     table.index.name = "Run"
@@ -80,8 +93,7 @@ def cost_table(metrics: pd.DataFrame) -> pd.DataFrame:
     out: dict[tuple[str, str], dict[str, float]] = {}
     for name, diag in (("s/step", False), ("diag s/step", True)):
         for regime, runs in per_run[per_run["diag"] == diag].groupby("regime"):
-            out.setdefault((name, "mean"), {})[regime], out.setdefault((name, "ci"), {})[regime] = \
-                mean_ci(runs["value"].tolist())
+            _put(out, name, regime, *mean_ci(runs["value"].tolist()))
     table = pd.DataFrame(out).reindex(sort_regimes(per_run["regime"]))
     detach = out.get(("s/step", "mean"), {}).get("detach", math.nan)
     for name in [n for n in ("s/step", "diag s/step") if (n, "mean") in table]:
@@ -93,6 +105,11 @@ def cost_table(metrics: pd.DataFrame) -> pd.DataFrame:
     return table
 
 
+def _put(out: dict[tuple[str, str], dict[str, float]], column: str, row: str, mean: float, ci: float) -> None:
+    out.setdefault((column, "mean"), {})[row] = mean
+    out.setdefault((column, "ci"), {})[row] = ci
+
+
 def _score_table(evals: pd.DataFrame, order: list[str], stat: str) -> pd.DataFrame:
     """Rows `order` (values of evals["row"]); columns benchmarks + Average; percent."""
     if evals.empty:
@@ -100,7 +117,8 @@ def _score_table(evals: pd.DataFrame, order: list[str], stat: str) -> pd.DataFra
         table.attrs["caption"] = "No evaluations found (eval/summary.json or eval/* metrics)."
         return table
     benchmarks = sort_benchmarks(evals["benchmark"]) + ["average"]
-    wide = evals.pivot_table(index=["row", "run", "benchmark"], columns="stat", values="value", aggfunc="last")
+    wide = evals.pivot_table(index=["row", "run", "benchmark"], columns="stat", values="value",
+                             aggfunc="last")
     out: dict[tuple[str, str], dict[str, float]] = {}
     for (row, benchmark), runs in wide.groupby(level=["row", "benchmark"]):
         if benchmark not in benchmarks or stat not in runs:
@@ -108,22 +126,20 @@ def _score_table(evals: pd.DataFrame, order: list[str], stat: str) -> pd.DataFra
         mean, ci = mean_ci((100 * runs[stat]).tolist())
         if len(runs) == 1 and f"{stat}_hi" in runs:  # one seed: the eval's bootstrap CI over problems
             ci = 100 * float(runs[f"{stat}_hi"].iloc[0] - runs[f"{stat}_lo"].iloc[0]) / 2
-        label = BENCHMARK_LABELS.get(benchmark, benchmark)
-        out.setdefault((label, "mean"), {})[row] = mean
-        out.setdefault((label, "ci"), {})[row] = ci
+        _put(out, BENCHMARK_LABELS.get(benchmark, benchmark), row, mean, ci)
     columns = [(BENCHMARK_LABELS.get(b, b), part) for b in benchmarks for part in ("mean", "ci")]
     table = pd.DataFrame(out).reindex(index=order, columns=pd.MultiIndex.from_tuples(columns))
     k = evals.loc[evals["stat"] == "k", "value"]
     seeds = sorted(set(evals.groupby("row")["run"].nunique()))
     n = f"{seeds[0]}" if len(seeds) == 1 else f"{seeds[0]}–{seeds[-1]}"
-    table.attrs["caption"] = (f"{stat}@{int(k.max()) if len(k) else 'k'} (%), mean ± 95% t-interval over {n} "
-                              "seeds per row (a single seed: the evaluation's bootstrap CI over problems).")
+    table.attrs["caption"] = (f"{stat}@{int(k.max()) if len(k) else 'k'} (%), mean ± 95% t-interval over "
+                              f"{n} seeds per row (a single seed: the evaluation's bootstrap CI).")
     return table
 
 
 # -------------------------------------------------------------------------------------- rendering
 def to_markdown(table: pd.DataFrame, *, digits: int = 1, bold: str | None = "max") -> str:
-    """A GitHub Markdown table; cells "mean ± ci", the best mean per column (`bold`: max | min) in **bold**."""
+    """A GitHub Markdown table: cells "mean ± ci", the best mean per column (`bold`: max | min) in bold."""
     header, rows = _cells(table, digits, bold, pm=" ± ", strong=lambda s: f"**{s}**", missing="–")
     lines = [f"| {' | '.join(header)} |", "|" + "---|" + "---:|" * (len(header) - 1)]
     lines += [f"| {' | '.join(row)} |" for row in rows]
@@ -191,19 +207,17 @@ def main(argv: list[str] | None = None) -> None:
                         help="metrics from run dirs (metrics.jsonl) or from wandb offline files")
     parser.add_argument("--no-figures", action="store_true")
     args = parser.parse_args(argv)
-    metrics = load_run_dirs(args.run_root) if args.source == "dirs" else load_wandb_offline(args.run_root)
+    from_dirs = args.source == "dirs"
+    metrics = load_run_dirs(args.run_root) if from_dirs else load_wandb_offline(args.run_root)
     if metrics.empty:
-        raise SystemExit(f"no runs under {args.run_root} (looked for {'metrics.jsonl' if args.source == 'dirs' else 'run-*.wandb'})")
-    evals = eval_frame(args.run_root) if args.source == "dirs" else evals_from_metrics(metrics)
-    if evals.empty:
+        looked_for = "metrics.jsonl" if from_dirs else "run-*.wandb"
+        raise SystemExit(f"no runs under {args.run_root} (no {looked_for} files)")
+    evals = eval_frame(args.run_root) if from_dirs else metrics.iloc[:0]
+    if evals.empty:  # no eval/summary.json, or a wandb source: the last eval/* metrics each run logged
         evals = evals_from_metrics(metrics)
-    for path in write_tables(metrics, evals, args.out, args.stat):
-        print(f"wrote {path}")
-    if not args.no_figures:
-        from analysis.figures import write_figures
-
-        for path in write_figures(metrics, args.out):
-            print(f"wrote {path}")
+    written = write_tables(metrics, evals, args.out, args.stat)
+    written += [] if args.no_figures else write_figures(metrics, args.out)
+    print("\n".join(f"wrote {path}" for path in written))
 
 
 if __name__ == "__main__":

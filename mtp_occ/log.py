@@ -6,9 +6,11 @@
     logger.finish("finished")
 
 Only rank 0 logs; every other rank gets a logger whose methods do nothing, so the training loop never
-branches on rank. Each `log` call appends one JSON line to `metrics.jsonl` and fsyncs it *before*
-wandb sees the numbers: a crash loses at most the step in flight, and analysis reads run dirs first
-(`analysis.runs`), wandb second.
+branches on rank. Each `log` call appends one JSON line `{"step": s, ...}` to `metrics.jsonl` and
+fsyncs it *before* wandb sees the numbers: a crash loses at most the step in flight, and analysis reads
+run dirs first (`analysis.runs`), wandb second. `log_eval` appends its own line (`eval/<bench>/<stat>`),
+which may share its step with that step's training line. `run.json` is shared with the training loop:
+both write it through `update_run_json` (read-modify-write, atomic), never a blind overwrite.
 
 wandb is imported lazily and can never take a run down: `online` without a login, or with the server
 unreachable, warns once and continues `offline` (files in `<run_dir>/wandb/offline-run-*`, readable
@@ -16,7 +18,8 @@ with `wandb leet inspect` and uploadable later with `wandb sync`). `WANDB_DIR` d
 
 Resume (a requeued job restarting after checkpoint step s passes `resume_step=s`): `metrics.jsonl` is
 rewritten atomically keeping only lines with step <= s and no torn last line, so no step appears
-twice. The wandb run id is stored in `run.json` (key `wandb_id`) and reused with `resume="allow"`.
+twice. The wandb run id is stored in `run.json` (key `wandb_id`; generated here, as wandb 0.31 has no
+public id generator) and reused with `resume="allow"`.
 Departure to know about: wandb itself cannot rewind, so online it keeps its first copy of the steps
 s+1.. that ran before the crash and ignores the re-run ones (it warns); `metrics.jsonl` has the re-run
 ones. Offline, each attempt is its own `offline-run-*` dir under the same id and `analysis.runs`
@@ -91,6 +94,7 @@ def update_run_json(run_dir: Path | str, **fields: Any) -> dict[str, Any]:
 def _atomic_write(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp makes it 0600
         with os.fdopen(fd, "w") as f:
             f.write(text)
             f.flush()
@@ -163,10 +167,10 @@ class RunLogger:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._open_metrics(resume_step)
         if mode != "disabled":
-            init_args = dict(
-                project=project, entity=entity, group=group, tags=list(tags or []), job_type=job_type,
-                name=name, config=config, dir=os.environ.get("WANDB_DIR", str(self.run_dir)),
-            )
+            wandb_dir = Path(os.environ.get("WANDB_DIR", self.run_dir))
+            wandb_dir.mkdir(parents=True, exist_ok=True)
+            init_args = dict(project=project, entity=entity, group=group, tags=list(tags or []),
+                             job_type=job_type, name=name, config=config, dir=str(wandb_dir))
             self._wandb_run = _init_wandb(self.run_dir, mode, init_args)
 
     @property
@@ -178,7 +182,8 @@ class RunLogger:
         """Append {"step": step, **metrics} to metrics.jsonl (fsynced), then send it to wandb."""
         if self._file is None:
             return
-        self._append({k: _scalar(v) for k, v in metrics.items()}, step)
+        metrics = {k: _scalar(v) for k, v in metrics.items()}
+        self._append(metrics, step)
         self._wandb_log(metrics, step)
 
     def log_eval(self, summary: dict[str, Any], step: int, samples_path: Path | str | None = None) -> None:
@@ -224,6 +229,7 @@ class RunLogger:
         self._file = open(path, "a")  # noqa: SIM115 - held open for the run's lifetime
 
     def _append(self, metrics: dict[str, Any], step: int) -> None:
+        # json writes NaN/Infinity as bare tokens: not strict JSON, but Python and pandas read them back
         self._file.write(json.dumps({"step": int(step), **metrics}) + "\n")
         self._file.flush()
         os.fsync(self._file.fileno())

@@ -26,9 +26,9 @@ How it departs from the references
     - Plain-number spellings that LaTeX parsing gets wrong are rewritten on both sides: e-notation
       ("4.5e33", 62 Minerva golds, read as 4.5*e*33) -> `4.5\\times10^{33}`; a bare percentage ("62.5%",
       "8 \\%": a boxed percent does not parse) -> the number; "-1./3" -> "-1/3".
+    - Box matching skips escaped braces (`\\{ \\}`, e.g. in `\\left\\{ ... \\right.`); DAPO counts them.
     - DAPO: scores 1/0 (verl returns +1/-1) and uses our `extract` mode, not "Answer:" lines in the last 300
-      characters only; escaped braces `\\{ \\}` do not count when matching the box. The normaliser keeps
-      the reference's quirks (e.g. it deletes every "a " and "an ").
+      characters only. The normaliser keeps the reference's quirks (e.g. it deletes every "a " and "an ").
     - Workers cap their address space at (size after start-up + `memory_limit_gb`) rather than an absolute
       RLIMIT_AS: spawn/forkserver children re-import `__main__`, which for a torch entry point already maps
       GBs, and an absolute cap would then fail every item with MemoryError.
@@ -39,7 +39,10 @@ How to use
     [1.0, 0.0]
 
     The default pool is created on first use (min(workers or cores, 8) processes), reused across calls and
-    closed at exit. `with GradingPool(workers=4) as pool: pool.grade(...)` gives a private one.
+    closed at exit. `with GradingPool(workers=4) as pool: pool.grade(...)` gives a private one. Workers
+    re-import the `__main__` module (spawn/forkserver semantics): a script that grades must keep its
+    top-level code under `if __name__ == "__main__":`, and heavy top-level imports there (torch) are
+    paid once per worker start.
 """
 
 from __future__ import annotations
@@ -55,12 +58,8 @@ import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from multiprocessing.connection import wait as wait_for_ready
-
-__all__ = ["Verdict", "extract_boxed", "extract_answer_line", "EXTRACTORS", "GRADERS", "POOLED_GRADERS",
-           "dapo_normalize", "grade_one", "grade", "GradingPool", "default_pool", "disagreement",
-           "reward_metrics"]
 
 
 @dataclass(frozen=True)
@@ -271,7 +270,8 @@ def _worker_main(conn, memory_limit_bytes: int) -> None:
     if memory_limit_bytes > 0 and os.path.exists("/proc/self/statm"):
         limit = _address_space_bytes() + memory_limit_bytes
         hard = resource.getrlimit(resource.RLIMIT_AS)[1]
-        resource.setrlimit(resource.RLIMIT_AS, (limit if hard < 0 else min(limit, hard), hard))
+        soft = limit if hard == resource.RLIM_INFINITY else min(limit, hard)
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     conn.send(("ready", os.getpid()))
     while True:
         try:
@@ -316,7 +316,7 @@ class GradingPool:
     finishes, so the parent knows when the next one started. An item running past `timeout_s + grace_s`
     gets its worker killed and replaced and scores 0 with `timeout=True`; the rest of that chunk is
     re-queued. A worker that dies (segfault, OOM kill) costs its current item (score 0, `error` set).
-    Not for concurrent use from several threads at once (a lock serialises calls).
+    Calls from several threads are serialised by a lock.
     """
 
     def __init__(self, workers: int | None = None, *, memory_limit_gb: float = 4.0, grace_s: float = 1.0,
@@ -346,19 +346,6 @@ class GradingPool:
     def closed(self) -> bool:
         return not self._finalizer.alive
 
-    def grade(self, completions: Sequence[str], answers: Sequence[str], grader: str = "math_verify",
-              extract: str = "boxed", timeout_s: float = 2.0) -> list[Verdict]:
-        _check_batch(completions, answers, grader, extract, timeout_s)
-        items = [(i, grader, c, a, extract, timeout_s) for i, (c, a) in enumerate(zip(completions, answers))]
-        results: list[Verdict | None] = [None] * len(items)
-        pending = deque(range(len(items)))
-        with self._lock:
-            self._fill()
-            while pending or any(w.items for w in self._workers):
-                self._dispatch(items, pending)
-                self._collect(results, pending, timeout_s + self.grace_s)
-        return results  # type: ignore[return-value]
-
     def start(self) -> GradingPool:
         """Start every worker and wait until all are ready (optional: `grade()` starts them lazily)."""
         with self._lock:
@@ -367,13 +354,35 @@ class GradingPool:
                 self._collect([], deque(), float("inf"))
         return self
 
+    def grade(self, completions: Sequence[str], answers: Sequence[str], grader: str = "math_verify",
+              extract: str = "boxed", timeout_s: float = 2.0) -> list[Verdict]:
+        _check_batch(completions, answers, grader, extract, timeout_s)
+        items = [(i, grader, c, a, extract, timeout_s)
+                 for i, (c, a) in enumerate(zip(completions, answers, strict=True))]
+        results: list[Verdict | None] = [None] * len(items)
+        pending = deque(range(len(items)))
+        with self._lock:
+            self._fill()
+            try:
+                while pending or any(w.items for w in self._workers):
+                    self._dispatch(items, pending, results)
+                    self._collect(results, pending, timeout_s + self.grace_s)
+            except BaseException:  # e.g. Ctrl-C: busy workers would answer this call's items in the next
+                for worker in [w for w in self._workers if w.items]:
+                    _stop(worker)
+                    self._workers.remove(worker)
+                raise
+        extractor = EXTRACTORS[extract]
+        return [v if v.extracted is not None or not (v.timeout or v.error)  # type: ignore[union-attr]
+                else replace(v, extracted=extractor(completions[i])) for i, v in enumerate(results)]
+
     def _fill(self) -> None:
         if self.closed:
             raise RuntimeError("GradingPool used after close(); create a new pool")
         while len(self._workers) < self.size:
-            self._workers.append(self._start())
+            self._workers.append(self._spawn())
 
-    def _start(self) -> _Worker:
+    def _spawn(self) -> _Worker:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=_worker_main, args=(child_conn, self._memory_limit),
                                     name="mtp_occ-grader", daemon=True)
@@ -381,46 +390,51 @@ class GradingPool:
         child_conn.close()
         return _Worker(process, parent_conn, started=time.monotonic())
 
-    def _replace(self, worker: _Worker) -> None:
+    def _retire(self, worker: _Worker, results: list, pending: deque, verdict: Verdict | None) -> None:
+        """Give the current item `verdict` (None: it never ran), re-queue the rest, replace the worker."""
+        items = list(worker.items or ())
+        if items and verdict is not None:
+            results[items.pop(0)] = verdict
+        pending.extendleft(reversed(items))
         _stop(worker)
-        self._workers[self._workers.index(worker)] = self._start()
+        self._workers[self._workers.index(worker)] = self._spawn()
 
-    def _requeue(self, worker: _Worker, pending: deque, keep_first: bool) -> None:
-        rest = list(worker.items or ())[0 if keep_first else 1:]
-        pending.extendleft(reversed(rest))
-        worker.items = None
-
-    def _dispatch(self, items: list, pending: deque) -> None:
-        for worker in self._workers:
+    def _dispatch(self, items: list, pending: deque, results: list) -> None:
+        for worker in list(self._workers):
             if not pending or not worker.ready or worker.items:
                 continue
             if not worker.process.is_alive():  # died while idle: replace it before it swallows a chunk
-                self._replace(worker)
+                self._retire(worker, results, pending, None)
                 continue
-            size = min(self.max_chunk, max(1, len(pending) // (4 * self.size)))
-            chunk = [pending.popleft() for _ in range(min(size, len(pending)))]
-            worker.items, worker.item_started = deque(chunk), time.monotonic()
+            size = min(self.max_chunk, max(1, len(pending) // (4 * self.size)), len(pending))
+            worker.items = deque(pending.popleft() for _ in range(size))
+            worker.item_started = time.monotonic()
             try:
-                worker.conn.send([items[i] for i in chunk])
+                worker.conn.send([items[i] for i in worker.items])
             except OSError:  # died while idle: nothing of this chunk ran
-                self._requeue(worker, pending, keep_first=True)
-                self._replace(worker)
+                self._retire(worker, results, pending, None)
 
     def _collect(self, results: list, pending: deque, item_limit_s: float) -> None:
         now = time.monotonic()
         deadlines = [w.item_started + item_limit_s if w.ready else w.started + self.startup_timeout_s
                      for w in self._workers if w.items or not w.ready]
-        waitables = [w.conn for w in self._workers] + [w.process.sentinel for w in self._workers]
-        wait_for_ready(waitables, timeout=max(0.0, min(deadlines, default=now + 1.0) - now))
+        wait_for_ready([w.conn for w in self._workers] + [w.process.sentinel for w in self._workers],
+                       timeout=max(0.0, min(deadlines, default=now + 1.0) - now))
         for worker in list(self._workers):
-            alive = self._drain(worker, results)
-            if not alive or not worker.process.is_alive():
-                self._on_death(worker, results, pending)
+            if not self._drain(worker, results) or not worker.process.is_alive():
+                worker.process.join(timeout=5)
+                code = worker.process.exitcode
+                if not worker.ready:
+                    raise RuntimeError(
+                        f"a grading worker died while starting (exit code {code}); its traceback is on "
+                        "stderr. Usual cause: a script that grades at import time. Workers re-import "
+                        "__main__ (spawn/forkserver): put the script's code under "
+                        "`if __name__ == '__main__':`")
+                self._retire(worker, results, pending, Verdict(
+                    0.0, error=f"grading worker died (exit code {code}; negative = killed by that signal)"))
             elif worker.items and time.monotonic() - worker.item_started > item_limit_s:
-                index = worker.items[0]
-                results[index] = Verdict(0.0, timeout=True, error=f"killed after {item_limit_s:g} s")
-                self._requeue(worker, pending, keep_first=False)
-                self._replace(worker)
+                self._retire(worker, results, pending,
+                             Verdict(0.0, timeout=True, error=f"killed after {item_limit_s:g} s"))
             elif not worker.ready and time.monotonic() - worker.started > self.startup_timeout_s:
                 raise RuntimeError(f"a grading worker did not start within {self.startup_timeout_s:g} s; "
                                    "check that `import math_verify` works in a fresh interpreter")
@@ -442,20 +456,6 @@ class GradingPool:
         except (EOFError, OSError):
             return False
         return True
-
-    def _on_death(self, worker: _Worker, results: list, pending: deque) -> None:
-        worker.process.join(timeout=5)
-        code = worker.process.exitcode
-        if not worker.ready:
-            raise RuntimeError(
-                f"a grading worker died while starting (exit code {code}); its traceback is on stderr. "
-                "Usual cause: the main script grades at import time. Workers re-import __main__ "
-                "(spawn/forkserver), so put the script's top-level code under `if __name__ == '__main__':`")
-        if worker.items:
-            results[worker.items[0]] = Verdict(
-                0.0, error=f"grading worker died (exit code {code}: negative = killed by that signal)")
-            self._requeue(worker, pending, keep_first=False)
-        self._replace(worker)
 
 
 def _check_batch(completions: Sequence[str], answers: Sequence[str], grader: str, extract: str,
@@ -496,7 +496,8 @@ def grade(completions: Sequence[str], answers: Sequence[str], grader: str = "mat
     if not completions:
         return []
     if grader not in POOLED_GRADERS:
-        return [grade_one(c, a, grader, extract, timeout_s) for c, a in zip(completions, answers)]
+        return [grade_one(c, a, grader, extract, timeout_s)
+                for c, a in zip(completions, answers, strict=True)]
     return default_pool(workers).grade(completions, answers, grader, extract, timeout_s)
 
 
@@ -510,18 +511,16 @@ def disagreement(verdicts_a: Sequence[Verdict], verdicts_b: Sequence[Verdict]) -
                          "items with both graders")
     if not verdicts_a:
         return 0.0
-    return sum(a.score != b.score for a, b in zip(verdicts_a, verdicts_b)) / len(verdicts_a)
+    return sum(a.score != b.score for a, b in zip(verdicts_a, verdicts_b, strict=True)) / len(verdicts_a)
 
 
 def reward_metrics(verdicts: Sequence[Verdict]) -> dict[str, float]:
-    """Logging summary: mean score, and counts/fractions of timeouts, errors and missing answers."""
+    """Grading health for the logger: items graded, timeouts and errors (counts), fraction without an
+    extractable answer. No score mean: the trainer logs its own reward/mean (with shaping) and reward/acc."""
     n = len(verdicts)
-    if n == 0:
-        return {"reward/count": 0.0}
     return {
-        "reward/count": float(n),
-        "reward/mean": sum(v.score for v in verdicts) / n,
+        "reward/graded": float(n),
         "reward/timeouts": float(sum(v.timeout for v in verdicts)),
         "reward/errors": float(sum(v.error is not None and not v.timeout for v in verdicts)),
-        "reward/no_answer_frac": sum(v.extracted is None for v in verdicts) / n,
+        "reward/no_answer_frac": sum(v.extracted is None for v in verdicts) / n if n else 0.0,
     }

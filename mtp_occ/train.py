@@ -195,7 +195,8 @@ def train(cfg: Config, overrides: list[str]) -> dict:
             t2 = time.perf_counter()
             res = rl_update(model, optimizer, regime, batch, old_BT, adv_B, cfg.algo,
                             coef_scale=coef((step - 1) / cfg.steps), temperature=cfg.rollout.temperature,
-                            seed=step_seed(cfg.seed, step, 17), group_size=cfg.algo.group_size)
+                            seed=step_seed(cfg.seed, step, 17), group_size=cfg.algo.group_size,
+                            diagnose=bool(cfg.diagnostics.every) and step % cfg.diagnostics.every == 0)
             metrics.update(res.metrics)
             faults += res.skipped
             bad_streak = bad_streak + 1 if res.skipped == cfg.algo.updates_per_step else 0

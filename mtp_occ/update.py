@@ -4,6 +4,7 @@ The rollout batch is cut into mini-batches of whole groups (a seeded shuffle of 
 does), each mini-batch is one optimizer update, optionally accumulated over micro-batches whose losses
 are normalised by the *mini-batch* denominators (so accumulation changes nothing but memory).
 
+Gradient clipping treats the shared model and the MTP layers as two groups (see `clip_grads`).
 Non-finite gradients skip the update (`fault/skipped_updates`) and the caller stops the run when that
 repeats; the message names the term that went non-finite (pg, mtp, or OCC's λ).
 """
@@ -19,7 +20,9 @@ import torch
 from mtp_occ.config import AlgoConfig
 from mtp_occ.model.mtp import MTPModel
 from mtp_occ.regimes import MtpTermInputs, Regime
+from mtp_occ.rl.diagnostics import Decomposition
 from mtp_occ.rl.grpo import loss_denominator, policy_loss
+from mtp_occ.rl.occ import occ_coefficient
 from mtp_occ.rollout.hf import RolloutBatch
 
 
@@ -54,7 +57,7 @@ def old_logprobs(model: MTPModel, batch: RolloutBatch, micro: int, temperature: 
 
 
 def _micro_step(model, regime: Regime, mb: RolloutBatch, old_BT, adv_B, algo: AlgoConfig, denoms: dict,
-                coef_scale: float, temperature: float) -> tuple[dict[str, float], str | None]:
+                coef_scale: float, temperature: float, diag: Decomposition | None) -> tuple[dict[str, float], str | None]:
     out = model(mb.input_ids_BT, mb.attention_mask_BT, mb.response_mask_BT, grad_path=regime.grad_path,
                 temperature=temperature)
     def loss_fn(logprob_BT, mask_BT, denom=None):
@@ -64,14 +67,29 @@ def _micro_step(model, regime: Regime, mb: RolloutBatch, old_BT, adv_B, algo: Al
     pg, pg_m = loss_fn(out.logprob_BT, out.loss_mask_BT, denom=denoms["pg"])
     x = MtpTermInputs(out.logprob_BT, old_BT, out.mtp_logprob_KBT, out.mtp_ce_mask_KBT, out.mtp_rl_mask_KBT,
                       denoms["mtp_tokens"], denoms["mtp"], loss_fn, coef_scale)
-    mtp_term, mtp_m = regime.mtp_term(x)
-    (pg + mtp_term).backward()
+    term = regime.mtp_term(x)
+    mtp_term = term.lam * term.loss
+    metrics = {"loss/pg": pg.item(), "loss/mtp": mtp_term.item(), **{f"pg/{k}": v for k, v in pg_m.items()},
+               **term.metrics}
+    if diag is not None:
+        diag.add(term.loss, term.lam)
+        ratio, c_hat, v2_hat = occ_coefficient(out.logprob_BT, out.mtp_logprob_KBT[0], old_BT, out.mtp_rl_mask_KBT[0])
+        metrics.update({"diag/c_hat": c_hat, "diag/v2_hat": v2_hat, "diag/ratio_hat": ratio})
+    loss = pg + mtp_term  # the one line where the regime meets the policy gradient
+    loss.backward()
     bad = None if math.isfinite(pg.item()) else "pg"
     if bad is None and not math.isfinite(mtp_term.item()):
-        bad = "occ λ" if not math.isfinite(mtp_m.get("mtp/lambda", 0.0)) else "mtp"
-    metrics = {"loss/pg": pg.item(), "loss/mtp": mtp_term.item(), **{f"pg/{k}": v for k, v in pg_m.items()},
-               **mtp_m}
+        bad = "occ λ" if not math.isfinite(term.lam) else "mtp"
     return metrics, bad
+
+
+def clip_grads(model: MTPModel, max_norm: float) -> tuple[float, float]:
+    """Clip the shared model and the MTP layers as two groups. With one global norm, the MTP loss would
+    change the shared weights' update under `detach` through the clipping coefficient alone."""
+    limit = max_norm or float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.lm.parameters(), limit)
+    mtp_norm = torch.nn.utils.clip_grad_norm_(model.mtp.parameters(), limit)
+    return float(norm), float(mtp_norm)
 
 
 def _merge_micro(micro: list[dict[str, float]]) -> dict[str, float]:
@@ -92,14 +110,19 @@ def _denominators(mb: RolloutBatch, depth: int, agg: str) -> dict:
 
 def rl_update(model: MTPModel, optimizer, regime: Regime, batch: RolloutBatch, old_BT: torch.Tensor,
               adv_B: torch.Tensor, algo: AlgoConfig, *, coef_scale: float, temperature: float, seed: int,
-              group_size: int) -> UpdateResult:
-    """All mini-batch updates of one RL step; returns metrics averaged over updates."""
+              group_size: int, diagnose: bool = False) -> UpdateResult:
+    """All mini-batch updates of one RL step; returns metrics averaged over updates. With `diagnose`,
+    also the exact decomposition (`diag/*`), averaged over the updates after the first (at the first,
+    logp == logp_old, so the proxy ĉ is 0 by construction)."""
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     skipped, bad_term = 0, None
     model.train()
-    for rows in minibatch_rows(len(batch) // group_size, group_size, algo.updates_per_step, seed):
+    shared = [p for p in model.lm.parameters() if p.requires_grad]
+    updates = minibatch_rows(len(batch) // group_size, group_size, algo.updates_per_step, seed)
+    for u, rows in enumerate(updates):
         mb, mb_old, mb_adv = batch.select(rows), old_BT[rows], adv_B[rows]
+        diag = Decomposition(shared) if diagnose and (u > 0 or len(updates) == 1) else None
         denoms = _denominators(mb, model.depth, algo.agg)
         optimizer.zero_grad(set_to_none=True)
         step = algo.micro_batch_size or len(mb)
@@ -107,15 +130,18 @@ def rl_update(model: MTPModel, optimizer, regime: Regime, batch: RolloutBatch, o
         for s in range(0, len(mb), step):
             r = torch.arange(s, min(s + step, len(mb)))
             m, b = _micro_step(model, regime, mb.select(r), mb_old[r], mb_adv[r], algo, denoms, coef_scale,
-                               temperature)
+                               temperature, diag)
             bad, micro = bad or b, micro + [m]
+        if diag is not None:
+            micro[-1].update(diag.measure())
         for k, v in _merge_micro(micro).items():
             sums[k] += v
             counts[k] += 1
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), algo.grad_clip or float("inf"))
-        sums["grad/norm"] += float(norm)
-        counts["grad/norm"] += 1
-        if bad is not None or not torch.isfinite(norm):
+        norm, mtp_norm = clip_grads(model, algo.grad_clip)
+        for k, v in (("grad/norm", norm), ("grad/mtp_norm", mtp_norm)):
+            sums[k] += v
+            counts[k] += 1
+        if bad is not None or not math.isfinite(norm + mtp_norm):
             optimizer.zero_grad(set_to_none=True)
             skipped, bad_term = skipped + 1, bad or "gradient"
             continue

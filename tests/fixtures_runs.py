@@ -73,7 +73,7 @@ def write_run(sweep_dir: Path, regime: str, seed: int, *, lam: float, schedule: 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     (run_dir / "overrides.txt").write_text(f"regime={regime}\nseed={seed}\nregime.lam={lam}\n")
-    update_run_json(run_dir, name=name, host="testhost", git_commit="0" * 40, start_time="2026-01-01T00:00:00",
+    update_run_json(run_dir, name=name, host="testhost", git_commit="0" * 40, start_time="2026-01-01",
                     end_time=None, world_size=1, slurm_job_id=None, status="running", wandb_id=None)
     mode = "offline" if name in wandb_runs else "disabled"
     logger = RunLogger(run_dir, config=config, name=name, mode=mode, group=sweep_dir.name)
@@ -139,7 +139,8 @@ def _write_eval(run_dir: Path, summary: dict, final: bool) -> Path:
 def isolate_wandb(monkeypatch, tmp_path: Path) -> None:
     """Keep wandb off the network and out of $HOME: no login, a loopback server that refuses
     connections, and its cache/config/data dirs under `tmp_path`."""
-    for var in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID", "WANDB_RESUME"):
+    for var in ("WANDB_API_KEY", "WANDB_DIR", "WANDB_ENTITY", "WANDB_PROJECT", "WANDB_RUN_ID",
+                "WANDB_RESUME"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # loopback discard port: refused at once
@@ -147,3 +148,12 @@ def isolate_wandb(monkeypatch, tmp_path: Path) -> None:
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb_home" / "cache"))
     monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb_home" / "data"))
     monkeypatch.setenv("NETRC", str(tmp_path / "wandb_home" / "netrc"))  # no stored login
+
+
+def reset_wandb() -> None:
+    """Forget wandb's in-process state (its service, settings and any API key read from the
+    environment), so that one test's login does not leak into the next."""
+    import sys
+
+    if "wandb" in sys.modules:
+        sys.modules["wandb"].teardown()

@@ -32,7 +32,8 @@ from mtp_occ.eval.benchmarks import (
 )
 from mtp_occ.rewards import GradingPool
 
-EXPECTED_ROWS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva": 272, "olympiadbench": 675}
+EXPECTED_ROWS = {"aime24": 30, "aime25": 30, "amc23": 40, "math500": 500, "minerva": 272,
+                 "olympiadbench": 675}
 
 
 def test_default_data_dir_follows_env(monkeypatch, tmp_path):
@@ -87,7 +88,8 @@ def test_bad_rows_name_file_line_and_field(tmp_path, bad_line, field, message):
 
 def test_non_utf8_and_empty_files(tmp_path):
     path = tmp_path / "latin.jsonl"
-    path.write_bytes(GOOD.encode() + b"\n" + '{"id": "b", "problem": "caf\xe9", "answer": "1"}'.encode("latin-1"))
+    latin = '{"id": "b", "problem": "caf\xe9", "answer": "1"}'.encode("latin-1")
+    path.write_bytes(GOOD.encode() + b"\n" + latin)
     with pytest.raises(BenchmarkDataError, match=r"latin.jsonl:2: not valid UTF-8"):
         load_jsonl(path)
     empty = tmp_path / "empty.jsonl"
@@ -159,6 +161,6 @@ def test_gold_answers_grade_correct_with_math_verify():
     with GradingPool() as pool:
         verdicts = pool.grade(["\\boxed{" + p.answer + "}" for p in problems], [p.answer for p in problems],
                               grader="math_verify", timeout_s=10.0)
-    failures = [(p.id, p.answer, v) for p, v in zip(problems, verdicts) if v.score != 1.0]
+    failures = [(p.id, p.answer, v) for p, v in zip(problems, verdicts, strict=True) if v.score != 1.0]
     assert not failures, json.dumps([(i, a, str(v)) for i, a, v in failures], indent=1)
     assert time.monotonic() - start < 300

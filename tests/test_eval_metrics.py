@@ -92,6 +92,9 @@ def test_paired_bootstrap():
     # matched by id, not by position; problems in one run only are left out and counted
     r = paired_bootstrap({"x": 0.0, "y": 1.0}, {"y": 0.5, "z": 1.0, "x": 0.5})
     assert r["diff"] == pytest.approx(0.0) and r["n"] == 2 and r["unmatched"] == 1
+    assert paired_bootstrap([0.0, 1.0, 1.0], [1.0, 1.0, 1.0])["diff"] == pytest.approx(1 / 3)  # by position
+    with pytest.raises(ValueError, match="2 vs 3 values"):
+        paired_bootstrap([0.0, 1.0], [1.0, 1.0, 1.0])
     with pytest.raises(ValueError, match="share no problem ids"):
         paired_bootstrap({"x": 1.0}, {"y": 1.0})
 

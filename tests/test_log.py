@@ -4,7 +4,7 @@ import json
 import warnings
 
 import pytest
-from fixtures_runs import isolate_wandb
+from fixtures_runs import isolate_wandb, reset_wandb
 
 from analysis.runs import find_wandb_files, load_wandb_offline
 from mtp_occ import log
@@ -15,6 +15,8 @@ from mtp_occ.log import RunLogger, WandbFallbackWarning, read_metrics, update_ru
 def _wandb_sandbox(monkeypatch, tmp_path):
     isolate_wandb(monkeypatch, tmp_path)
     monkeypatch.setattr(log, "_warned_offline", False)
+    yield
+    reset_wandb()
 
 
 def _lines(run_dir):
@@ -32,7 +34,8 @@ def test_metrics_are_on_disk_before_wandb_sees_them(tmp_path):
     logger._wandb_run = FakeRun()
     logger.log({"reward/mean": 0.5}, step=1)
     logger.log({"reward/mean": 0.7, "loss/pg": 0.1}, step=2)
-    assert seen == [(1, {"step": 1, "reward/mean": 0.5}), (2, {"step": 2, "reward/mean": 0.7, "loss/pg": 0.1})]
+    assert seen == [(1, {"step": 1, "reward/mean": 0.5}),
+                    (2, {"step": 2, "reward/mean": 0.7, "loss/pg": 0.1})]
 
 
 def test_resume_drops_later_steps_and_the_torn_line(tmp_path):
@@ -44,7 +47,8 @@ def test_resume_drops_later_steps_and_the_torn_line(tmp_path):
     assert _lines(tmp_path) == complete[:3]
     logger.log({"reward/mean": 0.45}, step=4)
     logger.finish()
-    assert [(r["step"], r["reward/mean"]) for r in read_metrics(tmp_path)] == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.45)]
+    steps = [(r["step"], r["reward/mean"]) for r in read_metrics(tmp_path)]
+    assert steps == [(1, 0.1), (2, 0.2), (3, 0.3), (4, 0.45)]
     assert not list(tmp_path.glob(".metrics.jsonl.*"))  # no temp file left behind
 
 
@@ -90,7 +94,8 @@ def test_wandb_id_is_stable_across_a_resume_and_attempts_merge(tmp_path):
     assert len(files) == 2 and all(f.name == f"run-{run_id}.wandb" for f in files)
     frame = load_wandb_offline(run_dir)
     assert frame["run"].unique().tolist() == ["r"]
-    assert dict(zip(frame["step"], frame["value"], strict=True)) == pytest.approx({1: 0.1, 2: 0.2, 3: 0.35, 4: 0.45})
+    merged = dict(zip(frame["step"], frame["value"], strict=True))
+    assert merged == pytest.approx({1: 0.1, 2: 0.2, 3: 0.35, 4: 0.45})  # step 3: the second attempt's
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4]
 
 
@@ -128,7 +133,8 @@ def test_log_eval_writes_flat_metrics_and_a_bounded_table(tmp_path, monkeypatch)
     samples.write_text("".join(json.dumps({"benchmark": "aime24", "id": str(i), "sample": s, "prompt": "p",
                                            "completion": "x" * 100 + "\\boxed{7}", "score": 1.0}) + "\n"
                                for i in range(5) for s in range(2)))
-    summary = {"step": 7, "benchmarks": {"aime24": {"avg": 0.25, "pass": 0.5, "maj": 0.3, "avg_ci": [0.1, 0.4]}},
+    aime = {"avg": 0.25, "pass": 0.5, "maj": 0.3, "avg_ci": [0.1, 0.4]}
+    summary = {"step": 7, "benchmarks": {"aime24": aime},
                "average": {"avg": 0.25, "pass": 0.5, "maj": 0.3}}
     logger = RunLogger(tmp_path, config={}, name="r", mode="offline")
     logger.log_eval(summary, step=7, samples_path=samples)
@@ -145,3 +151,10 @@ def test_log_eval_writes_flat_metrics_and_a_bounded_table(tmp_path, monkeypatch)
 def test_bad_mode_names_the_key(tmp_path):
     with pytest.raises(ValueError, match="wandb.mode"):
         RunLogger(tmp_path, config={}, name="r", mode="cloud")
+
+
+def test_rewrites_keep_files_readable(tmp_path):
+    update_run_json(tmp_path, name="r")
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n')
+    RunLogger(tmp_path, config={}, name="r", mode="disabled", resume_step=1).finish()
+    assert {oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()} == {"0o644"}

@@ -35,21 +35,22 @@ def _inputs(coef_scale=1.0, same_as_old=False):
 def test_contract(name):
     regime = build_regime(REGIME_CONFIGS[name])
     x = _inputs()
-    term, metrics = regime.mtp_term(x)
+    t = regime.mtp_term(x)
+    term, metrics = t.value, t.metrics
     assert term.ndim == 0 and torch.isfinite(term)
     assert "mtp/lambda" in metrics and "mtp/ce" in metrics
     term.backward()
     assert x.mtp_logprob_KBT.grad is not None and x.mtp_logprob_KBT.grad.abs().sum() > 0
     # the schedule multiplier scales λ linearly
-    half = build_regime(REGIME_CONFIGS[name]).mtp_term(_inputs(coef_scale=0.5))[1]["mtp/lambda"]
-    assert half == pytest.approx(0.5 * metrics["mtp/lambda"], rel=1e-6)
+    half = build_regime(REGIME_CONFIGS[name]).mtp_term(_inputs(coef_scale=0.5)).lam
+    assert half == pytest.approx(0.5 * t.lam, rel=1e-6) and t.lam == metrics["mtp/lambda"]
     # state round-trips
     regime.load_state_dict(regime.state_dict())
 
 
 def test_occ_lambda_is_zero_when_logp_equals_logp_old():
     regime = build_regime(REGIME_CONFIGS["occ"])
-    _, m = regime.mtp_term(_inputs(same_as_old=True))
+    m = regime.mtp_term(_inputs(same_as_old=True)).metrics
     assert m["occ/lambda"] == 0.0
 
 
@@ -57,7 +58,7 @@ def test_occ_lambda_matches_the_estimator():
     from mtp_occ.rl.occ import occ_coefficient
 
     x = _inputs()
-    _, m = build_regime(REGIME_CONFIGS["occ"]).mtp_term(x)
+    m = build_regime(REGIME_CONFIGS["occ"]).mtp_term(x).metrics
     ratio, c, v2 = occ_coefficient(x.logprob_BT, x.mtp_logprob_KBT[0], x.old_logprob_BT, x.mtp_rl_mask_KBT[0])
     assert m["occ/lambda"] == pytest.approx(ratio) and m["occ/c_hat"] == pytest.approx(c)
 
@@ -65,12 +66,12 @@ def test_occ_lambda_matches_the_estimator():
 def test_occ_clamp_and_ema_state():
     cfg = compose(["regime=occ", "regime.clamp=0.01", "regime.ema=0.5"]).regime
     regime = build_regime(cfg)
-    _, m1 = regime.mtp_term(_inputs())
+    m1 = regime.mtp_term(_inputs()).metrics
     assert abs(m1["occ/lambda"]) <= 0.01
     state = regime.state_dict()
     again = build_regime(cfg)
     again.load_state_dict(state)
-    assert again.mtp_term(_inputs())[1]["occ/lambda"] == regime.mtp_term(_inputs())[1]["occ/lambda"]
+    assert again.mtp_term(_inputs()).lam == regime.mtp_term(_inputs()).lam
 
 
 @pytest.mark.parametrize("name, p, expected", [

@@ -54,7 +54,8 @@ def test_extract_boxed(text, expected):
 
 def test_extract_boxed_hostile_is_fast():
     start = time.monotonic()
-    assert extract_boxed("\\boxed{" + "{" * 10_000 + "1" + "}" * 10_000 + "}") == "{" * 10_000 + "1" + "}" * 10_000
+    nested = "{" * 10_000 + "1" + "}" * 10_000
+    assert extract_boxed("\\boxed{" + nested + "}") == nested
     assert extract_boxed("\\boxed{" * 50_000) is None
     assert time.monotonic() - start < 5.0
 
@@ -98,10 +99,10 @@ MATH_VERIFY_TABLE = [
 
 
 def test_math_verify_table(pool):
-    completions, golds, expected = zip(*MATH_VERIFY_TABLE)
+    completions, golds, expected = zip(*MATH_VERIFY_TABLE, strict=True)
     verdicts = pool.grade(list(completions), list(golds), grader="math_verify", timeout_s=5.0)
     got = [v.score for v in verdicts]
-    assert got == list(expected), [(c, g, s) for (c, g, _), s in zip(MATH_VERIFY_TABLE, got)]
+    assert got == list(expected), [(c, g, s) for (c, g, _), s in zip(MATH_VERIFY_TABLE, got, strict=True)]
     assert not any(v.timeout for v in verdicts)
     assert verdicts[0].extracted == "\\frac{1}{2}" and verdicts[17].extracted is None
 
@@ -140,6 +141,7 @@ def test_parent_kills_a_stuck_worker_and_requeues_its_chunk(pool):
     assert time.monotonic() - start < HANG_GUARD_S
     timed_out = [v for v in verdicts if v.timeout]
     assert len(timed_out) == 1 and "killed" in timed_out[0].error
+    assert timed_out[0].extracted.isdigit()  # the parent fills in what the dead worker could not report
     assert sum(v.score for v in verdicts) == n - 1  # everything else was graded, re-queued items included
 
 
@@ -156,7 +158,7 @@ def test_a_dying_worker_costs_only_its_current_item(pool):
 
 
 def test_memory_limit_turns_a_blowup_into_a_zero():
-    with GradingPool(workers=1, memory_limit_gb=0.25) as small:
+    with GradingPool(workers=1, memory_limit_gb=0.1) as small:
         verdicts = small.grade(["\\boxed{2^{2^{40}}}", "\\boxed{3}"], ["1", "3"], timeout_s=10.0)
     assert [v.score for v in verdicts] == [0.0, 1.0]
     # without the cap this runs into the 10 s budget; with it sympy hits MemoryError (math-verify turns
@@ -206,7 +208,7 @@ DAPO_TABLE = [
 
 
 def test_dapo_table(pool):
-    completions, golds, expected = zip(*DAPO_TABLE)
+    completions, golds, expected = zip(*DAPO_TABLE, strict=True)
     assert [v.score for v in pool.grade(list(completions), list(golds), grader="dapo")] == list(expected)
 
 
@@ -239,5 +241,6 @@ def test_disagreement_and_reward_metrics():
         disagreement(a[:3], b)
     verdicts = [Verdict(1.0, extracted="1"), Verdict(0.0, timeout=True, extracted="9^9^9", error="t"),
                 Verdict(0.0, error="boom", extracted="x"), Verdict(0.0)]
-    assert reward_metrics(verdicts) == {"reward/count": 4.0, "reward/mean": 0.25, "reward/timeouts": 1.0,
-                                        "reward/errors": 1.0, "reward/no_answer_frac": 0.25}
+    assert reward_metrics(verdicts) == {"reward/graded": 4.0, "reward/timeouts": 1.0, "reward/errors": 1.0,
+                                        "reward/no_answer_frac": 0.25}
+    assert reward_metrics([])["reward/no_answer_frac"] == 0.0

@@ -34,7 +34,7 @@ REQUIRED_FIELDS = ("id", "problem", "answer")
 
 
 class BenchmarkDataError(ValueError):
-    """A benchmark file or hub dataset that does not fit the schema (the message says where and how to fix)."""
+    """A benchmark file or hub dataset that does not fit the schema (the message says where and the fix)."""
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def _row_error(where: str, field: str, problem: str, fix: str) -> BenchmarkDataE
 def _validate_row(row: object, where: str, default_source: str) -> Problem:
     if not isinstance(row, dict):
         raise BenchmarkDataError(f"{where}: expected a JSON object, got {type(row).__name__}. "
-                                 "Fix: one object per line, e.g. {\"id\": ..., \"problem\": ..., \"answer\": ...}")
+                                 'Fix: one object per line, e.g. {"id": ..., "problem": ..., "answer": ...}')
     for field in REQUIRED_FIELDS:
         value = row.get(field)
         if field not in row:
@@ -109,7 +109,8 @@ def load_jsonl(path: str | os.PathLike) -> list[Problem]:
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise BenchmarkDataError(f"{where}: not valid UTF-8 ({e}). Fix: re-save the file as UTF-8") from None
+                raise BenchmarkDataError(f"{where}: not valid UTF-8 ({e}). "
+                                         "Fix: re-save the file as UTF-8") from None
             if not line.strip():
                 continue
             try:
@@ -167,7 +168,8 @@ HUB_SPECS: dict[str, HubSpec] = {
     "amc23": HubSpec("math-ai/amc23", "test", "question", "answer", "id", answer_fn=_integral_float,
                      note="fields seen in third-party loaders (id, question, float answer), card not seen"),
     "math500": HubSpec("HuggingFaceH4/MATH-500", "test", "problem", "answer", "unique_id",
-                       note="dataset card checked (mirrors): problem, solution, answer, subject, level, unique_id"),
+                       note="dataset card (and mirrors') checked: problem, solution, answer, subject, "
+                            "level, unique_id"),
     "minerva": HubSpec("math-ai/minervamath", "test", "question", "answer", None,
                        note="fields seen in third-party loaders (question, answer), card not seen"),
     "olympiadbench": HubSpec("math-ai/olympiadbench", "test", "question", "final_answer", "id",
@@ -185,8 +187,9 @@ def _load_hub(name: str, spec: HubSpec) -> list[Problem]:
         rows = datasets.load_dataset(spec.dataset_id, spec.config, split=spec.split)
     except Exception as e:  # network, auth, renamed splits: one readable line instead of a deep traceback
         raise BenchmarkDataError(
-            f"hub dataset {spec.dataset_id} (split {spec.split!r}) for benchmark {name!r} could not be loaded: "
-            f"{type(e).__name__}: {e}. Fix: check network / HF_TOKEN, or use the local files (hub=False)") from None
+            f"hub dataset {spec.dataset_id} (split {spec.split!r}) for benchmark {name!r} could not be "
+            f"loaded: {type(e).__name__}: {e}. Fix: check network / HF_TOKEN, or use the local files "
+            "(hub=False)") from None
     problems = []
     for index, row in enumerate(rows):
         where = f"hub:{spec.dataset_id}[{spec.split}] row {index + 1}"

@@ -102,7 +102,8 @@ def format_table(result: dict[str, dict[str, float]], label_a: str = "A", label_
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(prog="python -m mtp_occ.eval.compare", description=__doc__.split("\n\n")[1],
+    parser = argparse.ArgumentParser(prog="python -m mtp_occ.eval.compare",
+                                     description=__doc__.split("\n\n")[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_a", help="baseline: run dir, eval dir or samples.jsonl")
     parser.add_argument("run_b", help="candidate: run dir, eval dir or samples.jsonl")

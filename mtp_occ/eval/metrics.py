@@ -83,9 +83,9 @@ def per_problem_maj(preds: Sequence[Sequence[str | None]], correct: Sequence[Seq
     if [len(p) for p in preds] != [len(c) for c in correct]:
         raise ValueError("maj@k: preds and correct must have the same shape (problems x samples)")
     out = []
-    for answers, oks in zip(preds, correct):
+    for answers, oks in zip(preds, correct, strict=True):
         votes: dict[str, list[bool]] = {}  # insertion order = first occurrence, which breaks ties
-        for answer, ok in zip(answers, oks):
+        for answer, ok in zip(answers, oks, strict=True):
             if answer is not None and answer.strip():
                 votes.setdefault(_vote_key(answer), []).append(bool(ok))
         if not votes:
@@ -128,19 +128,27 @@ def bootstrap_ci(per_problem_values: Sequence[float], n_boot: int = 1000, alpha:
     return float(lo), float(hi)
 
 
-def _as_mapping(values: Mapping[str, float] | Sequence[float]) -> Mapping[str, float]:
+Values = Mapping[str, float] | Sequence[float]  # per-problem values keyed by id, or in a fixed order
+
+
+def _as_mapping(values: Values) -> Mapping[str, float]:
     return values if isinstance(values, Mapping) else {str(i): v for i, v in enumerate(values)}
 
 
-def paired_bootstrap(a_values: Mapping[str, float] | Sequence[float], b_values: Mapping[str, float] | Sequence[float],
-                     n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> dict[str, float]:
+def paired_bootstrap(a_values: Values, b_values: Values, n_boot: int = 1000, alpha: float = 0.05,
+                     seed: int = 0) -> dict[str, float]:
     """Mean per-problem difference B - A over problems present in both (dicts keyed by problem id, or
     equally long sequences in the same order), with a bootstrap CI and a two-sided p-value for "no
     difference" (null-centred bootstrap). Positive `diff` means B scores higher."""
+    keyed = isinstance(a_values, Mapping) or isinstance(b_values, Mapping)
+    if not keyed and len(a_values) != len(b_values):
+        raise ValueError(f"paired_bootstrap: {len(a_values)} vs {len(b_values)} values; unkeyed runs must "
+                         "list the same problems in the same order (or pass dicts keyed by problem id)")
     a, b = _as_mapping(a_values), _as_mapping(b_values)
     ids = [i for i in a if i in b]
     if not ids:
-        raise ValueError("paired_bootstrap: the two runs share no problem ids; compare runs on the same problems")
+        raise ValueError("paired_bootstrap: the two runs share no problem ids; compare runs on the same "
+                         "problems")
     d = np.asarray([b[i] - a[i] for i in ids], dtype=float)
     diff = float(d.mean())
     means = _bootstrap_means(d, n_boot, seed)
@@ -164,7 +172,7 @@ def _benchmark_result(name: str, problems: dict[str, list[Mapping]], n_boot: int
                       seed: int) -> dict:
     samples = [sorted(rows, key=lambda r: r["sample"]) for rows in problems.values()]
     k = len(samples[0])
-    uneven = next((pid for pid, rows in zip(problems, samples) if len(rows) != k), None)
+    uneven = next((pid for pid, rows in zip(problems, samples, strict=True) if len(rows) != k), None)
     if uneven is not None:
         raise ValueError(f"benchmark {name!r}: problem {uneven!r} has {len(problems[uneven])} samples, "
                          f"the first problem has {k}; every problem needs the same k")

@@ -74,7 +74,7 @@ def _records(benchmarks: Sequence[Benchmark], prompts: list[str], completions: l
     problems = [(b.name, p) for b in benchmarks for p in b.problems]
     return [{"benchmark": name, "id": p.id, "sample": j, "prompt": prompt, "completion": text,
              "answer": p.answer}
-            for (name, p), prompt, samples in zip(problems, prompts, completions)
+            for (name, p), prompt, samples in zip(problems, prompts, completions, strict=True)
             for j, text in enumerate(samples)]
 
 
@@ -95,7 +95,7 @@ def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[Benchmark], *, k: int
     records = _records(benchmarks, prompts, _generate(generate_fn, prompts, k))
     verdicts = grade([r["completion"] for r in records], [r["answer"] for r in records], grader=grader,
                      timeout_s=timeout_s)
-    for record, verdict in zip(records, verdicts):
+    for record, verdict in zip(records, verdicts, strict=True):
         record.update(extracted=verdict.extracted, score=verdict.score, timeout=verdict.timeout)
     per_bench = summarize(records, n_boot=n_boot, seed=seed)
     summary = {
@@ -116,6 +116,7 @@ def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[Benchmark], *, k: int
 
 def flat_metrics(summary: dict) -> dict[str, float]:
     """`eval/<bench>/{avg,pass,maj}` and `eval/average/{avg,pass,maj}` as floats, for metric loggers."""
-    out = {f"eval/{name}/{s}": float(stats[s]) for name, stats in summary["benchmarks"].items() for s in STATS}
+    out = {f"eval/{name}/{s}": float(stats[s])
+           for name, stats in summary["benchmarks"].items() for s in STATS}
     out.update({f"eval/average/{s}": float(summary["average"][s]) for s in STATS})
     return out

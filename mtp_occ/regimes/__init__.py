@@ -1,7 +1,7 @@
 """Regimes: how the MTP head joins the RL update. A regime is three things and nothing else:
 the gradient path (which shared parameters the MTP loss reaches), the MTP loss, and the coefficient λ.
 
-    loss = pg_loss + mtp_term,   mtp_term, metrics = regime.mtp_term(inputs)
+    term = regime.mtp_term(inputs);   loss = pg_loss + term.lam * term.loss
 
 The training loop never branches on a regime's name. A new regime is one new file in this package that
 defines a `RegimeConfig` subclass with a `build()` method and calls `register(...)`; the config store,
@@ -58,10 +58,23 @@ class MtpTermInputs:
     coef_scale: float  # the coefficient schedule's multiplier at this progress
 
 
+@dataclass
+class MtpTerm:
+    """The regime's contribution: `lam * loss`. Kept apart so diagnostics can take ∇loss (g_MTP)."""
+
+    loss: torch.Tensor  # the unscaled MTP loss (CE or the clipped policy loss)
+    lam: float  # λ at this update, schedule included
+    metrics: dict[str, float]
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self.lam * self.loss
+
+
 class Regime(Protocol):
     grad_path: GradPathConfig
 
-    def mtp_term(self, x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]: ...
+    def mtp_term(self, x: MtpTermInputs) -> MtpTerm: ...
 
     def state_dict(self) -> dict: ...
 
@@ -108,4 +121,4 @@ def build_regime(cfg: RegimeConfig) -> Regime:
 # import for registration side effects (order = display order)
 from mtp_occ.regimes import ce, detach, occ, policy  # noqa: E402,F401
 
-__all__ = ["REGIME_CONFIGS", "MtpTermInputs", "Regime", "build_regime", "register", "mtp_ce", "mtp_policy_loss"]
+__all__ = ["REGIME_CONFIGS", "MtpTerm", "MtpTermInputs", "Regime", "build_regime", "register", "mtp_ce", "mtp_policy_loss"]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from mtp_occ.config import RegimeConfig
-from mtp_occ.regimes import MtpTermInputs, Stateless, mtp_ce, register
+from mtp_occ.regimes import MtpTerm, MtpTermInputs, Stateless, mtp_ce, register
 
 
 @dataclass
@@ -25,10 +25,10 @@ class CeRegime(Stateless):
     def __init__(self, cfg: CeConfig):
         self.cfg, self.grad_path = cfg, cfg.grad_path
 
-    def mtp_term(self, x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def mtp_term(self, x: MtpTermInputs) -> MtpTerm:
         ce, metrics = mtp_ce(x)
         lam = self.cfg.lam * x.coef_scale
-        return lam * ce, {**metrics, "mtp/lambda": lam}
+        return MtpTerm(ce, lam, {**metrics, "mtp/lambda": lam})
 
 
 register(CeConfig())

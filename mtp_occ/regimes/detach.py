@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 
 from mtp_occ.config import GradPathConfig, RegimeConfig
-from mtp_occ.regimes import MtpTermInputs, Stateless, mtp_ce, register
+from mtp_occ.regimes import MtpTerm, MtpTermInputs, Stateless, mtp_ce, register
 
 
 @dataclass
@@ -29,10 +29,10 @@ class DetachRegime(Stateless):
     def __init__(self, cfg: DetachConfig):
         self.cfg, self.grad_path = cfg, cfg.grad_path
 
-    def mtp_term(self, x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def mtp_term(self, x: MtpTermInputs) -> MtpTerm:
         ce, metrics = mtp_ce(x)
         lam = self.cfg.lam * x.coef_scale
-        return lam * ce, {**metrics, "mtp/lambda": lam}
+        return MtpTerm(ce, lam, {**metrics, "mtp/lambda": lam})
 
 
 register(DetachConfig())

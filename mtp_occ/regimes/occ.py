@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from mtp_occ.config import RegimeConfig, require
-from mtp_occ.regimes import MtpTermInputs, mtp_ce, mtp_policy_loss, register
+from mtp_occ.regimes import MtpTerm, MtpTermInputs, mtp_ce, mtp_policy_loss, register
 from mtp_occ.rl.occ import occ_coefficient
 
 
@@ -72,12 +72,12 @@ class OccRegime:
         return lam, {"occ/lambda": lam, "occ/ratio": ratio, "occ/c_hat": c_hat, "occ/v2_hat": v2_hat,
                      "occ/valid_frac": valid_frac}
 
-    def mtp_term(self, x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def mtp_term(self, x: MtpTermInputs) -> MtpTerm:
         lam, metrics = self.coefficient(x)
         loss, m = mtp_policy_loss(x)
         with torch.no_grad():
             metrics.update(mtp_ce(x)[1])
-        return lam * loss, {**metrics, **m, "mtp/lambda": lam}
+        return MtpTerm(loss, lam, {**metrics, **m, "mtp/lambda": lam})
 
     def state_dict(self) -> dict:
         return {"ema_lambda": self.ema_lambda}

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from mtp_occ.config import RegimeConfig
-from mtp_occ.regimes import MtpTermInputs, Stateless, mtp_ce, mtp_policy_loss, register
+from mtp_occ.regimes import MtpTerm, MtpTermInputs, Stateless, mtp_ce, mtp_policy_loss, register
 
 
 @dataclass
@@ -25,12 +25,12 @@ class PolicyRegime(Stateless):
     def __init__(self, cfg: PolicyConfig):
         self.cfg, self.grad_path = cfg, cfg.grad_path
 
-    def mtp_term(self, x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:
+    def mtp_term(self, x: MtpTermInputs) -> MtpTerm:
         loss, metrics = mtp_policy_loss(x)
         with torch.no_grad():
             metrics.update(mtp_ce(x)[1])
         lam = self.cfg.lam * x.coef_scale
-        return lam * loss, {**metrics, "mtp/lambda": lam}
+        return MtpTerm(loss, lam, {**metrics, "mtp/lambda": lam})
 
 
 register(PolicyConfig())

@@ -1,0 +1,125 @@
+"""The training loop end to end on a tiny model: every regime moves parameters, OCC's λ is non-zero,
+detach keeps the shared weights independent of the MTP loss, a killed run resumes to identical
+metrics, and the four-regime multirun writes four complete run dirs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from mtp_occ.config import compose
+from mtp_occ.regimes import REGIME_CONFIGS
+from mtp_occ.train import train
+
+REPO = Path(__file__).resolve().parent.parent
+# a two-term, one-digit task: a 150-step pre-training gives a base with mixed rewards in every batch
+TINY = ["data.n_terms=2", "data.min_operand=1", "data.max_operand=9", "data.heldout_size=64",
+        "model.pretrain.steps=150", "algo.prompts_per_step=8", "algo.group_size=4", "algo.updates_per_step=2",
+        "algo.lr=1e-3", "rollout.max_new_tokens=16", "eval.limit=16", "eval.k=2", "eval.n_boot=50",
+        "eval.max_new_tokens=16", "steps=2", "save_every=1", "wandb.mode=disabled"]
+REQUIRED = {"reward/mean", "loss/pg", "loss/mtp", "mtp/ce", "mtp/lambda", "time/step_s", "time/rollout_s",
+            "time/update_s"}
+
+
+def _run(tmp_path, *extra):
+    cfg = compose([*TINY, f"run_root={tmp_path}", *extra])
+    out = train(cfg, [*TINY, *extra])
+    return cfg, out
+
+
+def _weights(run_dir: Path, step: int) -> dict:
+    return torch.load(run_dir / "checkpoints" / f"step_{step:06d}" / "state.pt", weights_only=False)["model"]
+
+
+def _metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("name", sorted(REGIME_CONFIGS))
+def test_smoke_every_regime(tmp_path, name):
+    cfg, out = _run(tmp_path, f"regime={name}", "name=smoke", "keep_checkpoints=0")
+    run_dir = Path(out["run_dir"])
+    rows = _metrics(run_dir)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert REQUIRED <= set(rows[0])
+    first, last = _weights(run_dir, 1), _weights(run_dir, 2)
+    moved = [k for k in first if not torch.equal(first[k], last[k])]
+    assert any(k.startswith("mtp.") for k in moved), "MTP layers did not train"
+    assert any(k.startswith("lm.model.layers") for k in moved), "backbone did not train"
+    assert (run_dir / "eval" / "summary.json").exists() and out["final_eval"]["benchmarks"]["arith"]["n"] == 16
+    if name.startswith("occ"):
+        assert any(r["occ/lambda"] != 0.0 for r in rows)
+        assert {"occ/c_hat", "occ/v2_hat", "occ/valid_frac", "mtp/clipfrac"} <= set(rows[0])
+
+
+def test_detach_shared_weights_do_not_depend_on_the_mtp_loss(tmp_path):
+    _, a = _run(tmp_path, "regime=detach", "name=a")
+    _, b = _run(tmp_path, "regime=detach", "regime.lam=0.0", "name=b")
+    wa, wb = _weights(Path(a["run_dir"]), 2), _weights(Path(b["run_dir"]), 2)
+    shared = [k for k in wa if not k.startswith("mtp.")]
+    assert shared and all(torch.equal(wa[k], wb[k]) for k in shared)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa if k.startswith("mtp.")), "λ had no effect at all"
+
+
+def test_joint_regime_shared_weights_do_depend_on_the_mtp_loss(tmp_path):
+    _, a = _run(tmp_path, "regime=ce", "regime.lam=0.5", "name=a")
+    _, b = _run(tmp_path, "regime=ce", "regime.lam=0.0", "name=b")
+    wa, wb = _weights(Path(a["run_dir"]), 2), _weights(Path(b["run_dir"]), 2)
+    assert any(not torch.equal(wa[k], wb[k]) for k in wa if k.startswith("lm.model.layers"))
+
+
+def _cli(args, run_root, **kw):
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
+    return subprocess.Popen([sys.executable, "-m", "mtp_occ.run", *TINY, f"run_root={run_root}", *args], cwd=REPO,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def _strip_times(rows):
+    return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_to_identical_metrics(tmp_path):
+    args = ["regime=occ", "steps=5", "name=resume"]
+    ref = _cli(args, tmp_path / "ref")
+    out, _ = ref.communicate(timeout=600)
+    assert ref.returncode == 0, out
+    victim = _cli(args, tmp_path / "killed")
+    metrics = tmp_path / "killed" / "resume" / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    again = _cli(args, tmp_path / "killed")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out
+    assert "resumed from" in out
+    a, b = _metrics(tmp_path / "ref" / "resume"), _metrics(tmp_path / "killed" / "resume")
+    assert [r["step"] for r in b] == [1, 2, 3, 4, 5]
+    assert _strip_times(a) == _strip_times(b)
+
+
+@pytest.mark.slow
+def test_four_regime_multirun_writes_four_complete_run_dirs(tmp_path):
+    p = _cli(["-m", "regime=detach,ce,policy,occ"], tmp_path)
+    out, _ = p.communicate(timeout=900)
+    assert p.returncode == 0, out
+    assert (tmp_path / "multirun.yaml").exists()
+    for name in ("detach", "ce", "policy", "occ"):
+        d = tmp_path / f"regime={name}"
+        run = json.loads((d / "run.json").read_text())
+        assert run["status"] == "finished" and run["name"] == f"regime={name}"
+        assert (d / "overrides.txt").read_text().splitlines()[-1] == f"regime={name}"
+        assert (d / "config.yaml").exists() and (d / "eval" / "summary.json").exists()
+        assert (d / "eval" / "samples.jsonl").exists() and (d / "checkpoints" / "latest").exists()
+        rows = _metrics(d)
+        assert [r["step"] for r in rows] == [1, 2] and REQUIRED <= set(rows[-1])
