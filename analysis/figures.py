@@ -24,10 +24,12 @@ import numpy as np
 import pandas as pd
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from analysis.runs import REGIME_LABELS, REGIME_ORDER, main_config_runs, sort_regimes
 
 COLORS = {r: f"C{i}" for i, r in enumerate(REGIME_ORDER)}
+PROXY_REGIMES = ("policy", "occ")  # regimes whose MTP loss is the policy loss that ĉ, v̂² describe
 
 
 def _color(regime: str) -> str:
@@ -78,6 +80,7 @@ def _regime_curves(metrics: pd.DataFrame, metric: str, name: str, ylabel: str, o
     for regime in sort_regimes(data["regime"]):
         _plot_band(ax, data[data["regime"] == regime], regime, marker)
     ax.set(xlabel="RL step", ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     ax.legend()
     return _save(fig, out_dir, name)
@@ -113,9 +116,11 @@ def fig_decomposition(metrics: pd.DataFrame, out_dir: Path | None = None, smooth
     for ax, (proxy, exact, label) in zip(fig.subplots(1, 2), (("occ/c_hat", "diag/c", "c"),
                                                               ("occ/v2_hat", "diag/v2", "v²")), strict=True):
         data, diag = curves(metrics, proxy, smooth), curves(metrics, exact)
+        diag = diag[diag["regime"].isin(data["regime"])]  # overlay the regimes that have the proxy
         for regime in sort_regimes(data["regime"]):
             _plot_band(ax, data[data["regime"] == regime], regime, suffix=" proxy")
         ax.set(xlabel="RL step", ylabel=f"proxy ({proxy})", title=f"{label}: proxy vs exact")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
         if not diag.empty:
             twin = ax.twinx()
@@ -129,33 +134,43 @@ def fig_decomposition(metrics: pd.DataFrame, out_dir: Path | None = None, smooth
     return _save(fig, out_dir, "fig_decomposition")
 
 
-def proxy_vs_exact(metrics: pd.DataFrame) -> pd.DataFrame:
-    """One row per (run, step) with diagnostics: columns diag/c_hat, diag/c, diag/v2_hat, diag/v2."""
+def proxy_vs_exact(metrics: pd.DataFrame, regimes: tuple[str, ...] = PROXY_REGIMES) -> pd.DataFrame:
+    """One row per (regime, run, step) with diagnostics, in `regimes`; columns diag/c_hat, diag/c,
+    diag/v2_hat, diag/v2 (NaN where not logged)."""
     keys = ["diag/c_hat", "diag/c", "diag/v2_hat", "diag/v2"]
-    rows = metrics[metrics["metric"].isin(keys)]
-    return rows.pivot_table(index=["run", "step"], columns="metric", values="value").dropna()
+    rows = metrics[metrics["metric"].isin(keys) & metrics["regime"].isin(regimes)]
+    return rows.pivot_table(index=["regime", "run", "step"], columns="metric", values="value")
 
 
-def fig_proxy_vs_exact(metrics: pd.DataFrame, out_dir: Path | None = None) -> Figure | None:
-    """Scatter of the proxy ĉ against the exact c (and v̂² against v²) at the diagnostics steps, with
-    Pearson r and the fraction of steps where ĉ and c agree in sign."""
-    points = proxy_vs_exact(metrics)
+def fig_proxy_vs_exact(metrics: pd.DataFrame, out_dir: Path | None = None,
+                       regimes: tuple[str, ...] = PROXY_REGIMES) -> Figure | None:
+    """Scatter of the proxy ĉ against the exact c (and v̂² against v²) at the diagnostics steps of the
+    `regimes` whose MTP loss is the policy loss the proxies are built from (Detach's exact c is 0 by
+    construction, CE's g_MTP is another loss's), with Pearson r and the fraction of steps where ĉ and c
+    agree in sign."""
+    points = proxy_vs_exact(metrics, regimes)
     if len(points) < 2 or not {"diag/c_hat", "diag/c"} <= set(points.columns):
-        return _skip("fig_proxy_vs_exact", "fewer than two diagnostics rows (set diagnostics.every > 0)")
-    fig = Figure(figsize=(10, 4), layout="constrained")
+        return _skip("fig_proxy_vs_exact", f"fewer than two diagnostics rows in {regimes} runs "
+                     "(set diagnostics.every > 0)")
+    fig = Figure(figsize=(11, 4.5), layout="constrained")
     for ax, (proxy, exact, label) in zip(fig.subplots(1, 2), (("diag/c_hat", "diag/c", "c"),
                                                               ("diag/v2_hat", "diag/v2", "v²")), strict=True):
-        if not {proxy, exact} <= set(points.columns):
+        pts = points[[proxy, exact]].dropna() if {proxy, exact} <= set(points.columns) else points.iloc[:0]
+        if len(pts) < 2:
             ax.set_visible(False)
             continue
-        x, y = points[proxy].to_numpy(), points[exact].to_numpy()
+        x, y = pts[proxy].to_numpy(), pts[exact].to_numpy()
         r = float(np.corrcoef(x, y)[0, 1]) if x.std() > 0 and y.std() > 0 else float("nan")
         title = f"{label}: Pearson r = {r:.2f}"
         if label == "c":
             title += f", sign agreement {np.mean(np.sign(x) == np.sign(y)):.0%}"
-        ax.scatter(x, y, s=14, alpha=0.7)
+        for regime in sort_regimes(pts.index.get_level_values("regime")):
+            mine = pts.xs(regime, level="regime")
+            ax.scatter(mine[proxy], mine[exact], s=16, alpha=0.7, color=_color(regime),
+                       label=REGIME_LABELS.get(regime, regime))
         ax.set(xlabel=f"proxy ({proxy})", ylabel=f"exact ({exact})", title=f"{title} (n = {len(x)})")
         ax.grid(alpha=0.3)
+        ax.legend()
     return _save(fig, out_dir, "fig_proxy_vs_exact")
 
 

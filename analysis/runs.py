@@ -122,7 +122,7 @@ def main_config_runs(frame: pd.DataFrame, verbose: bool = True) -> pd.DataFrame:
     key = pd.Series([", ".join(f"{k}={v}" for k, v in zip(CONFIG_KEYS, values, strict=True))
                      for values in frame[CONFIG_KEYS].itertuples(index=False)],
                     index=frame.index, dtype=object)
-    keep = pd.Series(False, index=frame.index)
+    keep = frame["regime"].isna()  # runs without a config: nothing to choose between
     for regime, rows in frame.groupby("regime"):
         counts = rows.groupby(key[rows.index])["run"].nunique()
         best = counts.idxmax()
@@ -151,11 +151,24 @@ def run_info(run_dir: Path) -> dict[str, Any]:
             "status": meta.get("status"), **config_columns(config or {})}
 
 
+def _run_infos(root: Path | str) -> list[tuple[Path, dict[str, Any]]]:
+    """`run_info` of every run dir; a name found in several sweeps (names derive from the overrides,
+    so two sweeps easily share one) becomes `<sweep>/<name>`."""
+    infos = [(run_dir, run_info(run_dir)) for run_dir in find_run_dirs(root)]
+    _qualify_shared_names([info for _, info in infos])
+    return infos
+
+
+def _qualify_shared_names(infos: list[dict[str, Any]]) -> None:
+    shared = pd.Series([info["run"] for info in infos]).duplicated(keep=False)
+    for info, is_shared in zip(infos, shared, strict=True):
+        info["run"] = f"{info['sweep']}/{info['run']}" if is_shared else info["run"]
+
+
 def load_run_dirs(root: Path | str) -> pd.DataFrame:
     """The metrics of every run dir under `root`, long: run, step, metric, value + CONFIG_COLUMNS."""
     frames = []
-    for run_dir in find_run_dirs(root):
-        info = run_info(run_dir)
+    for run_dir, info in _run_infos(root):
         records = [rec for rec in read_metrics(run_dir) if "step" in rec]
         frame = _long((rec["step"], {k: v for k, v in rec.items() if k != "step"}) for rec in records)
         frame.insert(0, "run", info["run"])
@@ -168,11 +181,11 @@ def eval_frame(root: Path | str) -> pd.DataFrame:
     stats: avg, pass, maj, their `_lo`/`_hi` CI bounds, n, k, timeouts (benchmark "average": avg, pass,
     maj). Fractions in [0, 1]."""
     frames = []
-    for run_dir in find_run_dirs(root):
+    for run_dir, info in _run_infos(root):
         path = run_dir / "eval" / "summary.json"
         if not path.exists():
             continue
-        summary, info = json.loads(path.read_text()), run_info(run_dir)
+        summary = json.loads(path.read_text())
         rows = [(b, s, v) for b, stats in summary.get("benchmarks", {}).items() for s, v in _stats(stats)]
         rows += [("average", s, v) for s, v in _stats(summary.get("average", {}))]
         frame = pd.DataFrame(rows, columns=["benchmark", "stat", "value"])
@@ -248,16 +261,19 @@ def load_wandb_offline(root: Path | str, *, workers: int = 4) -> pd.DataFrame:
     attempts: dict[str, list[tuple[Path, dict[str, Any]]]] = {}
     for path, run in zip(files, inspected, strict=True):
         attempts.setdefault(run["summary"]["run_id"], []).append((path, run))
-    frames = []
+    infos, frames = [], []
     for runs in attempts.values():
         runs.sort(key=lambda pr: _started(pr[0]))
         path, last = runs[-1]
-        frame = _long(step_item for _, run in runs for step_item in run["history"])
-        frame.insert(0, "run", last["summary"].get("name") or last["summary"]["run_id"])
-        info = {"sweep": _sweep_of(path) or last["group"], "status": last["summary"].get("state"),
-                **config_columns(last["summary"].get("config") or {})}
-        frames.append(_with_columns(frame, METRIC_COLUMNS, info))
-    return _concat(frames, METRIC_COLUMNS)
+        infos.append({"run": last["summary"].get("name") or last["summary"]["run_id"],
+                      "sweep": _sweep_of(path) or last["group"], "status": last["summary"].get("state"),
+                      **config_columns(last["summary"].get("config") or {})})
+        frames.append(_long(step_item for _, run in runs for step_item in run["history"]))
+    _qualify_shared_names(infos)
+    for frame, info in zip(frames, infos, strict=True):
+        frame.insert(0, "run", info["run"])
+    return _concat([_with_columns(f, METRIC_COLUMNS, i) for f, i in zip(frames, infos, strict=True)],
+                   METRIC_COLUMNS)
 
 
 def _started(wandb_file: Path) -> str:

@@ -92,11 +92,13 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
     batches, rewards, scores, verdicts, answers, tried = [], [], [], [], [], 0
     kept = 0
     for attempt in range(a.dynamic_sampling_max_batches if a.dynamic_sampling else 1):
-        items = [prompts[i] for i in sampler.next(a.prompts_per_step)]
+        idx = sampler.next(a.prompts_per_step)
+        items = [prompts[i] for i in idx]
         texts = [format_prompt(p.problem, cfg.data.template, tok) for p in items]
         batch = generate(model.lm, tok, texts, G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                          max_new_tokens=r.max_new_tokens, max_prompt_len=r.max_prompt_len, batch_size=r.batch_size,
-                         seed=step_seed(cfg.seed, step, attempt), add_special_tokens=cfg.data.template == "plain")
+                         seed=step_seed(cfg.seed, step, attempt), add_special_tokens=cfg.data.template == "plain",
+                         row_keys=(torch.tensor(idx).unsqueeze(1) * G + torch.arange(G)).reshape(-1))
         gold = [p.answer for p in items for _ in range(G)]
         v = grade(batch.completions, gold, grader=cfg.reward.grader, timeout_s=cfg.reward.timeout_s,
                   extract=cfg.reward.extract, workers=cfg.reward.workers or None)

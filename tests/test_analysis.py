@@ -208,3 +208,12 @@ def test_notebook_executes_clean(root, tmp_path, monkeypatch):
     assert [o for o in outputs if o.output_type == "error"] == []
     assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 5  # every figure shown
     assert (tmp_path / "out" / "fig_lambda.png").exists()
+
+
+def test_a_name_shared_by_two_sweeps_is_qualified(root, tmp_path):
+    import shutil
+
+    for sweep in ("a", "b"):
+        shutil.copytree(root / "main" / "ce_s0", tmp_path / sweep / "ce_s0")
+    assert sorted(load_run_dirs(tmp_path)["run"].unique()) == ["a/ce_s0", "b/ce_s0"]
+    assert sorted(eval_frame(tmp_path)["run"].unique()) == ["a/ce_s0", "b/ce_s0"]

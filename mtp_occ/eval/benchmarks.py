@@ -16,8 +16,9 @@ How it departs from the usual loaders
       e.g. aime25's text and AMC answers are formatted differently; compare runs on one source only.
 
 How to use
-    >>> bench = load_benchmark("aime24", limit=3)          # local
-    >>> bench = load_benchmark("math500", hub=True)        # needs `datasets` and hub access
+    >>> bench = load_benchmark("aime24", limit=3)  # local files
+    >>> # load_benchmark(name, hub=True) needs `datasets` and hub access:
+    >>> bench = load_benchmark("math500", hub=True)  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -5,7 +5,10 @@ form GRPO group g. The response is everything after the prompt up to and includi
 later positions are padding. Old log-probs are *not* taken from `generate`: the trainer recomputes them
 with its own forward (same kernels as the update), which is what the importance ratio needs.
 
-Sampling is seeded per call (`seed`), so a resumed run regenerates exactly the same rollouts.
+Sampling goes through `GumbelSampler` (see `sampling.py`): every sample is a pure function of (seed, its
+row key, position), so a resumed run regenerates exactly the same rollouts and a data-parallel run
+draws the same samples as a single process. Row keys default to the row index; the trainer passes
+global keys (prompt index × n + sample index).
 """
 
 from __future__ import annotations
@@ -62,29 +65,32 @@ def response_mask_after_eos(gen_BR: torch.Tensor, eos_id: int | list[int]) -> tu
 @torch.no_grad()
 def generate(lm, tokenizer, prompts: list[str], n: int, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
              max_new_tokens: int, max_prompt_len: int, batch_size: int = 0, seed: int = 0,
-             add_special_tokens: bool = True) -> RolloutBatch:
+             add_special_tokens: bool = True, row_keys: torch.Tensor | None = None) -> RolloutBatch:
     """`n` samples for each prompt (consecutive rows); `temperature=0` decodes greedily.
-    `add_special_tokens=False` for prompts already formatted by a chat template."""
+    `add_special_tokens=False` for prompts already formatted by a chat template; `row_keys` (one int per
+    output row) decide each row's random stream."""
+    from transformers import LogitsProcessorList
+
+    from mtp_occ.rollout.sampling import GumbelSampler
+
     ids_P, attn_P, cut = encode_prompts(tokenizer, prompts, max_prompt_len, add_special_tokens)
     ids = ids_P.repeat_interleave(n, 0).to(lm.device)
     attn = attn_P.repeat_interleave(n, 0).to(lm.device)
-    eos = tokenizer.eos_token_id
-    gen_kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos,
-                  use_cache=True)
-    if temperature > 0:
-        gen_kw.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=top_k or None)
-    else:
-        gen_kw.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    keys = torch.arange(ids.shape[0]) if row_keys is None else row_keys
+    gen_kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                  eos_token_id=tokenizer.eos_token_id, use_cache=True, do_sample=False, temperature=None,
+                  top_p=None, top_k=None)
     step = batch_size or ids.shape[0]
-    devices = [lm.device] if lm.device.type == "cuda" else []
     outs = []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        was_training = lm.training
-        lm.eval()
-        for s in range(0, ids.shape[0], step):
-            outs.append(lm.generate(input_ids=ids[s:s + step], attention_mask=attn[s:s + step], **gen_kw))
-        lm.train(was_training)
+    was_training = lm.training
+    lm.eval()
+    for s in range(0, ids.shape[0], step):
+        procs = LogitsProcessorList()
+        if temperature > 0:
+            procs.append(GumbelSampler(keys[s:s + step], ids.shape[1], seed, temperature, top_p, top_k))
+        outs.append(lm.generate(input_ids=ids[s:s + step], attention_mask=attn[s:s + step], logits_processor=procs,
+                                **gen_kw))
+    lm.train(was_training)
     P = ids.shape[1]
     R = max(o.shape[1] for o in outs) - P
     gen = torch.full((ids.shape[0], R), tokenizer.pad_token_id, dtype=torch.long, device=ids.device)
@@ -92,7 +98,7 @@ def generate(lm, tokenizer, prompts: list[str], n: int, *, temperature: float, t
     for o in outs:
         gen[row:row + o.shape[0], : o.shape[1] - P] = o[:, P:]
         row += o.shape[0]
-    resp_mask, truncated = response_mask_after_eos(gen, eos)
+    resp_mask, truncated = response_mask_after_eos(gen, tokenizer.eos_token_id)
     gen = gen.masked_fill(resp_mask == 0, tokenizer.pad_token_id)
     completions = tokenizer.batch_decode(gen, skip_special_tokens=True)
     return RolloutBatch(
