@@ -16,8 +16,12 @@ of trust:
      (requeues) are merged, the later attempt winning a step both logged.
   3. the wandb API (`load_wandb_api`), cached as parquet per run; needs a login.
 
-`sweep` is the run dir's parent directory name (for wandb runs whose files are not inside a run dir:
-the wandb group). `status` is run.json's status, or the wandb state for wandb sources.
+`run` is the run's name (run.json, or wandb's display name), qualified as `<sweep>/<name>` where two
+sweeps share a name. `sweep` is the run dir's parent directory name (for wandb runs whose files are not
+inside a run dir: the wandb group). `status` is run.json's status, or the wandb state (finished,
+failed, crashed, running) for wandb sources. Eval lines may share a step with training lines; a metric
+logged twice at one step keeps its last value. Also here, shared by tables and figures: the paper's
+orders (`sort_regimes`, `sort_benchmarks`) and `main_config_runs`, each regime's main configuration.
 Never imports torch; wandb only inside the functions that need it.
 """
 

@@ -416,17 +416,36 @@ class Config:
         return Path(self.run_root) / self.name
 
 
+# keys that name a run first, so that a shortened name still shows what a sweep varies
+NAME_PRIORITY = ("experiment", "regime", "coef_schedule", "seed", "regime.lam", "regime.lambda_plus", "model")
+NAME_EXCLUDE = ("name", "run_root", "hydra/launcher", "wandb.mode", "wandb.group", "threads", "device", "dry_run")
+MAX_NAME = 100
+
+
+def run_name(overrides: list[str]) -> str:
+    """A stable, filesystem-safe run name from command-line overrides: bookkeeping keys dropped, the
+    keys that usually vary in a sweep first, the rest sorted; names over MAX_NAME characters keep their
+    first part and end with a hash of the whole, so two runs never share a dir. "default" if empty."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in NAME_EXCLUDE and not o.startswith("hydra.")]
+    key = {k: i for i, k in enumerate(NAME_PRIORITY)}
+    kept.sort(key=lambda o: (key.get(o.split("=", 1)[0].lstrip("+~"), len(key)), o))
+    name = ",".join(kept).replace("/", "_").replace(" ", "")
+    if len(name) > MAX_NAME:
+        import hashlib
+
+        name = f"{name[:MAX_NAME - 11]}-{hashlib.sha1(name.encode()).hexdigest()[:10]}"
+    return name or "default"
+
+
 def run_name_from_overrides() -> str:
-    """The default run name: Hydra's `job.override_dirname` (bookkeeping keys excluded, see
-    conf/config.yaml), made filesystem-safe; "default" without overrides or outside a Hydra job."""
+    """The default `name`: `run_name` of this Hydra job's overrides ("default" outside a Hydra job)."""
     try:
         from hydra.core.hydra_config import HydraConfig
 
-        dirname = HydraConfig.get().job.override_dirname
+        overrides = list(HydraConfig.get().overrides.task)
     except ValueError:  # not inside a Hydra job (compose API)
-        dirname = ""
-    safe = dirname.replace("/", "_").replace(" ", "")
-    return safe[:200] or "default"
+        overrides = []
+    return run_name(overrides)
 
 
 def register_configs() -> None:

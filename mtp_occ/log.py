@@ -178,12 +178,17 @@ class RunLogger:
         """The live `wandb.Run`, or None (disabled, not rank 0, or wandb failed)."""
         return self._wandb_run
 
-    def log(self, metrics: dict[str, float], step: int) -> None:
-        """Append {"step": step, **metrics} to metrics.jsonl (fsynced), then send it to wandb."""
+    def log(self, metrics: dict[str, float], step: int, samples_path: Path | str | None = None) -> None:
+        """Append {"step": step, **metrics} to metrics.jsonl (fsynced), then send it to wandb; with
+        `samples_path` (an eval's samples.jsonl) also the wandb table `eval/samples`."""
         if self._file is None:
             return
         metrics = {k: _scalar(v) for k, v in metrics.items()}
         self._append(metrics, step)
+        if self._wandb_run is not None and samples_path is not None and Path(samples_path).exists():
+            table = _samples_table(Path(samples_path))
+            if table is not None:
+                metrics = {**metrics, "eval/samples": table}
         self._wandb_log(metrics, step)
 
     def log_eval(self, summary: dict[str, Any], step: int, samples_path: Path | str | None = None) -> None:

@@ -29,6 +29,7 @@ import torch
 from mtp_occ import checkpoint
 from mtp_occ.config import Config, plain_dict
 from mtp_occ.data import PromptSampler, build_prompts
+from mtp_occ.dist import DistInfo, barrier, init_distributed, max_int, mean_metrics, shutdown
 from mtp_occ.eval.policy import evaluate_policy
 from mtp_occ.eval.runner import flat_metrics
 from mtp_occ.eval.templates import format_prompt
@@ -83,7 +84,7 @@ def build_optimizer(model, cfg: Config):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
 
 
-def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, step: int):
+def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, step: int, d: DistInfo):
     """Rollouts for `prompts_per_step` prompts, graded; with dynamic sampling, groups whose rewards are
     all equal are dropped and refilled from fresh prompts (up to `dynamic_sampling_max_batches` tries)."""
     from mtp_occ.rewards import grade, reward_metrics
@@ -92,7 +93,8 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
     batches, rewards, scores, verdicts, answers, tried = [], [], [], [], [], 0
     kept = 0
     for attempt in range(a.dynamic_sampling_max_batches if a.dynamic_sampling else 1):
-        idx = sampler.next(a.prompts_per_step)
+        share = a.prompts_per_step // d.world  # every rank advances the sampler; each takes its block
+        idx = sampler.next(a.prompts_per_step)[d.rank * share:(d.rank + 1) * share]
         items = [prompts[i] for i in idx]
         texts = [format_prompt(p.problem, cfg.data.template, tok) for p in items]
         batch = generate(model.lm, tok, texts, G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
@@ -108,20 +110,20 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
         tried += len(items)
         keep_G = dynamic_sampling_keep_G(reward_B, G) if a.dynamic_sampling else torch.ones(len(items), dtype=torch.bool)
         rows = (keep_G.nonzero().squeeze(1).unsqueeze(1) * G + torch.arange(G)).reshape(-1)
-        rows = rows[: max(0, (a.prompts_per_step - kept) * G)]
+        rows = rows[: max(0, (a.prompts_per_step // d.world - kept) * G)]
         batches.append(batch.select(rows))
         rewards.append(reward_B[rows]), scores.append(score_B[rows])
         verdicts += [v[i] for i in rows.tolist()]
         answers += [gold[i] for i in rows.tolist()]
         kept += len(rows) // G
-        if kept >= a.prompts_per_step:
+        if kept >= a.prompts_per_step // d.world:
             break
     if kept == 0:
         return None, {"groups/kept_frac": 0.0}
     batch = concat_batches(batches)
     reward_B, score_B = torch.cat(rewards), torch.cat(scores)
     m = {"reward/mean": reward_B.mean().item(), "reward/std": reward_B.std().item() if len(reward_B) > 1 else 0.0,
-         "reward/acc": score_B.mean().item(), "groups/kept_frac": kept / tried,
+         "reward/acc": score_B.mean().item(), "groups/kept_frac": kept / tried if tried else 0.0,
          "response/len_mean": batch.response_len_B.float().mean().item(),
          "response/truncated_frac": batch.truncated_B.float().mean().item(),
          "rollout/prompt_truncated": float(batch.prompt_truncated), **reward_metrics(verdicts)}
@@ -160,12 +162,13 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     """Train per `cfg`, evaluate, and return the final eval summary (plus timing)."""
     from tqdm.auto import tqdm
 
-    t_start = time.time()
-    run_dir = prepare_run_dir(cfg, overrides)
+    t_start, d = time.time(), init_distributed(cfg.device)
+    run_dir = prepare_run_dir(cfg, overrides) if d.is_main else cfg.run_dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     model, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.seed)
+    model.to(d.device)
     prompts = build_prompts(cfg.data, cfg.seed)
     sampler = PromptSampler(len(prompts), cfg.seed, cfg.data.shuffle)
     regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)
@@ -181,51 +184,59 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     wb = cfg.wandb
     logger = RunLogger(run_dir, config=plain_dict(cfg), name=cfg.name, mode=wb.mode.value, project=wb.project,
                        entity=wb.entity, group=wb.group or Path(cfg.run_root).resolve().name, tags=wb.tags,
-                       resume_step=start if last is not None else None)
-    base_eval = evaluate_base(cfg, model, tok, run_dir, base_dir) if cfg.eval.enabled else None
+                       resume_step=start if last is not None else None, rank=d.rank)
+    base_eval = evaluate_base(cfg, model, tok, run_dir, base_dir) if cfg.eval.enabled and d.is_main else None
     bad_streak, summary, metrics = 0, None, {}
-    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"RL {cfg.regime.name}", unit="step",
-               initial=start, total=cfg.steps, mininterval=2.0)
-    for step in bar:
-        t0 = time.perf_counter()
-        rollouts, metrics = collect_rollouts(cfg, model, tok, prompts, sampler, step)
-        t1 = time.perf_counter()
-        if rollouts is not None:
-            batch, reward_B = rollouts
-            adv_B = group_advantages(reward_B, cfg.algo.group_size, cfg.algo.norm_std, cfg.algo.adv_eps)
-            old_BT = old_logprobs(model, batch, cfg.algo.micro_batch_size, cfg.rollout.temperature)
-            t2 = time.perf_counter()
-            res = rl_update(model, optimizer, regime, batch, old_BT, adv_B, cfg.algo,
-                            coef_scale=coef((step - 1) / cfg.steps), temperature=cfg.rollout.temperature,
-                            seed=step_seed(cfg.seed, step, 17), group_size=cfg.algo.group_size,
-                            diagnose=bool(cfg.diagnostics.every) and step % cfg.diagnostics.every == 0)
-            metrics.update(res.metrics)
-            faults += res.skipped
-            bad_streak = bad_streak + 1 if res.skipped == cfg.algo.updates_per_step else 0
-            if bad_streak >= cfg.algo.max_bad_steps:
-                raise FloatingPointError(f"step {step}: {bad_streak} consecutive steps with every update skipped "
-                                         f"for a non-finite {res.bad_term} term; lower algo.lr or check the data")
-        else:
-            t2 = t1
-        lr_sched.step()
-        t3 = time.perf_counter()
-        metrics.update({"lr": lr_sched.get_last_lr()[0], "fault/skipped_total": float(faults),
-                        "time/rollout_s": t1 - t0, "time/old_logprob_s": t2 - t1, "time/update_s": t3 - t2,
-                        "time/step_s": t3 - t0})
-        if cfg.eval.enabled and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-            summary = evaluate_policy(cfg, model, tok, run_dir / "eval", step)
-            metrics.update(flat_metrics(summary))
-        logger.log(metrics, step)
-        if step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
-            checkpoint.save(ckpt_root, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                              "lr_sched": lr_sched.state_dict(), "sampler": sampler.state_dict(),
-                                              "regime": regime.state_dict(), "faults": faults},
-                            keep=cfg.keep_checkpoints)
-        bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
-                        lam=f"{metrics.get('mtp/lambda', 0.0):.3g}")
-    if summary is None and cfg.eval.enabled and (run_dir / "eval" / "summary.json").exists():
+    bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"RL {cfg.regime.name}", unit="step", initial=start,
+               total=cfg.steps, mininterval=2.0, disable=not d.is_main)
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            rollouts, metrics = collect_rollouts(cfg, model, tok, prompts, sampler, step, d)
+            t1 = t2 = time.perf_counter()
+            if not max_int(rollouts is None):  # dynamic sampling kept nothing somewhere: every rank skips
+                batch, reward_B = rollouts
+                adv_B = group_advantages(reward_B, cfg.algo.group_size, cfg.algo.norm_std, cfg.algo.adv_eps).to(d.device)
+                old_BT = old_logprobs(model, batch, cfg.algo.micro_batch_size, cfg.rollout.temperature)
+                t2 = time.perf_counter()
+                res = rl_update(model, optimizer, regime, batch, old_BT, adv_B, cfg.algo,
+                                coef_scale=coef((step - 1) / cfg.steps), temperature=cfg.rollout.temperature,
+                                group_size=cfg.algo.group_size,
+                                diagnose=bool(cfg.diagnostics.every) and step % cfg.diagnostics.every == 0)
+                metrics.update(res.metrics)
+                faults += res.skipped
+                bad_streak = bad_streak + 1 if res.skipped == cfg.algo.updates_per_step else 0
+                if bad_streak >= cfg.algo.max_bad_steps:
+                    raise FloatingPointError(f"step {step}: {bad_streak} consecutive steps with every update skipped "
+                                             f"for a non-finite {res.bad_term} term; lower algo.lr or check the data")
+            lr_sched.step()
+            t3 = time.perf_counter()
+            metrics = mean_metrics({**metrics, "lr": lr_sched.get_last_lr()[0], "fault/skipped_total": float(faults),
+                                    "time/rollout_s": t1 - t0, "time/old_logprob_s": t2 - t1,
+                                    "time/update_s": t3 - t2, "time/step_s": t3 - t0})
+            samples = None
+            if d.is_main and cfg.eval.enabled and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                summary, samples = evaluate_policy(cfg, model, tok, run_dir / "eval", step), run_dir / "eval" / "samples.jsonl"
+                metrics.update(flat_metrics(summary))
+            logger.log(metrics, step, samples_path=samples)
+            if d.is_main and (step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
+                checkpoint.save(ckpt_root, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                                                  "lr_sched": lr_sched.state_dict(), "sampler": sampler.state_dict(),
+                                                  "regime": regime.state_dict(), "faults": faults},
+                                keep=cfg.keep_checkpoints)
+            barrier()
+            bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                            lam=f"{metrics.get('mtp/lambda', 0.0):.3g}")
+    except BaseException:  # a crash (or Ctrl-C) is recorded as such, in run.json and in wandb
+        logger.finish("failed")
+        if d.is_main:
+            update_run_json(run_dir, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status="failed")
+        raise
+    if summary is None and d.is_main and (run_dir / "eval" / "summary.json").exists():  # re-run of a finished run
         summary = json.loads((run_dir / "eval" / "summary.json").read_text())
     logger.finish("finished")
-    update_run_json(run_dir, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status="finished")
+    if d.is_main:
+        update_run_json(run_dir, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status="finished")
+    shutdown()
     return {"run_dir": str(run_dir), "base_eval": base_eval, "final_eval": summary, "last_metrics": metrics,
             "seconds": time.time() - t_start}

@@ -1,8 +1,9 @@
 """One RL step's optimisation: `updates_per_step` mini-batch updates, each `loss = pg_loss + mtp_term`.
 
-The rollout batch is cut into mini-batches of whole groups (a seeded shuffle of the groups, as verl
-does), each mini-batch is one optimizer update, optionally accumulated over micro-batches whose losses
-are normalised by the *mini-batch* denominators (so accumulation changes nothing but memory).
+The rollout batch is cut into mini-batches of whole groups (`minibatch_rows`), each mini-batch is one
+optimizer update, optionally accumulated over micro-batches whose losses are normalised by the *global
+mini-batch* denominators (so accumulation and data parallelism change nothing but memory and speed; see
+`mtp_occ.dist`).
 
 Gradient clipping treats the shared model and the MTP layers as two groups (see `clip_grads`).
 Non-finite gradients skip the update (`fault/skipped_updates`) and the caller stops the run when that
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mtp_occ.config import AlgoConfig
+from mtp_occ.dist import all_reduce_grads_, max_int, sum_floats
 from mtp_occ.model.mtp import MTPModel
 from mtp_occ.regimes import MtpTermInputs, Regime
 from mtp_occ.rl.diagnostics import Decomposition
@@ -33,12 +35,13 @@ class UpdateResult:
     bad_term: str | None  # which term was non-finite in the last skipped update
 
 
-def minibatch_rows(n_groups: int, group_size: int, updates: int, seed: int) -> list[torch.Tensor]:
-    """Row indices of each mini-batch: a seeded permutation of whole groups, split evenly."""
-    g = torch.Generator().manual_seed(seed)
-    groups = torch.randperm(n_groups, generator=g)
-    chunks = torch.tensor_split(groups, min(updates, n_groups))
-    return [(c.unsqueeze(1) * group_size + torch.arange(group_size)).reshape(-1) for c in chunks]
+def minibatch_rows(n_groups: int, group_size: int, updates: int) -> list[torch.Tensor]:
+    """Row indices of each mini-batch: mini-batch u holds the groups g ≡ u (mod updates). Prompts are
+    already drawn in random order, and the stride rule makes the global mini-batches identical for any
+    number of data-parallel ranks (each rank holds a contiguous block of groups)."""
+    groups = torch.arange(n_groups)
+    return [(groups[u::updates].unsqueeze(1) * group_size + torch.arange(group_size)).reshape(-1)
+            for u in range(updates)]
 
 
 @torch.no_grad()
@@ -100,16 +103,27 @@ def _merge_micro(micro: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _denominators(mb: RolloutBatch, depth: int, agg: str) -> dict:
-    """Mini-batch normalisers, from the same masks the model's forward derives."""
+    """Global mini-batch normalisers (summed over ranks), from the masks the model's forward derives."""
     from mtp_occ.model.mtp import aligned_masks
 
     loss_BT, ce_KBT, rl_KBT = aligned_masks(mb.attention_mask_BT, mb.response_mask_BT, depth)
-    return {"pg": loss_denominator(loss_BT, agg), "mtp": [loss_denominator(rl_KBT[k], agg) for k in range(depth)],
-            "mtp_tokens": [float(ce_KBT[k].sum()) for k in range(depth)]}
+    local = [loss_denominator(loss_BT, agg), *(loss_denominator(rl_KBT[k], agg) for k in range(depth)),
+             *(float(ce_KBT[k].sum()) for k in range(depth))]
+    tot = sum_floats(local)
+    return {"pg": tot[0], "mtp": tot[1:1 + depth], "mtp_tokens": tot[1 + depth:]}
+
+
+def _null_batch(like: RolloutBatch) -> RolloutBatch:
+    """One fully masked row: a rank with no rows left still joins the step's collectives."""
+    ids = like.input_ids_BT[:1].clone()
+    attn, resp = torch.zeros_like(ids), torch.zeros_like(ids)
+    attn[:, -1] = 1
+    return RolloutBatch(ids, attn, resp, like.response_len_B[:1] * 0, like.truncated_B[:1], like.prompt_idx_B[:1],
+                        like.completions[:1], 0)
 
 
 def rl_update(model: MTPModel, optimizer, regime: Regime, batch: RolloutBatch, old_BT: torch.Tensor,
-              adv_B: torch.Tensor, algo: AlgoConfig, *, coef_scale: float, temperature: float, seed: int,
+              adv_B: torch.Tensor, algo: AlgoConfig, *, coef_scale: float, temperature: float,
               group_size: int, diagnose: bool = False) -> UpdateResult:
     """All mini-batch updates of one RL step; returns metrics averaged over updates. With `diagnose`,
     also the exact decomposition (`diag/*`), averaged over the updates after the first (at the first,
@@ -119,19 +133,20 @@ def rl_update(model: MTPModel, optimizer, regime: Regime, batch: RolloutBatch, o
     skipped, bad_term = 0, None
     model.train()
     shared = [p for p in model.lm.parameters() if p.requires_grad]
-    updates = minibatch_rows(len(batch) // group_size, group_size, algo.updates_per_step, seed)
+    updates = minibatch_rows(len(batch) // group_size, group_size, algo.updates_per_step)
     for u, rows in enumerate(updates):
         mb, mb_old, mb_adv = batch.select(rows), old_BT[rows], adv_B[rows]
         diag = Decomposition(shared) if diagnose and (u > 0 or len(updates) == 1) else None
         denoms = _denominators(mb, model.depth, algo.agg)
         optimizer.zero_grad(set_to_none=True)
-        step = algo.micro_batch_size or len(mb)
+        step = algo.micro_batch_size or max_int(len(mb))
         bad, micro = None, []
-        for s in range(0, len(mb), step):
-            r = torch.arange(s, min(s + step, len(mb)))
-            m, b = _micro_step(model, regime, mb.select(r), mb_old[r], mb_adv[r], algo, denoms, coef_scale,
-                               temperature, diag)
-            bad, micro = bad or b, micro + [m]
+        for i in range(max_int(math.ceil(len(mb) / step))):  # the same count on every rank
+            r = torch.arange(i * step, min((i + 1) * step, len(mb)))
+            part, old, adv = (mb.select(r), mb_old[r], mb_adv[r]) if len(r) else (_null_batch(batch), old_BT[:1], adv_B[:1])
+            m, b = _micro_step(model, regime, part, old, adv, algo, denoms, coef_scale, temperature, diag)
+            bad, micro = bad or b, micro + [m] if len(r) else micro
+        all_reduce_grads_(list(model.parameters()))
         if diag is not None:
             micro[-1].update(diag.measure())
         for k, v in _merge_micro(micro).items():

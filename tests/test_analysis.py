@@ -3,6 +3,7 @@ fixture's known numbers; the CLI and the notebook run clean; torch is never impo
 
 import math
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -211,8 +212,6 @@ def test_notebook_executes_clean(root, tmp_path, monkeypatch):
 
 
 def test_a_name_shared_by_two_sweeps_is_qualified(root, tmp_path):
-    import shutil
-
     for sweep in ("a", "b"):
         shutil.copytree(root / "main" / "ce_s0", tmp_path / sweep / "ce_s0")
     assert sorted(load_run_dirs(tmp_path)["run"].unique()) == ["a/ce_s0", "b/ce_s0"]

@@ -76,7 +76,7 @@ def test_joint_regime_shared_weights_do_depend_on_the_mtp_loss(tmp_path):
 
 def _cli(args, run_root, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "mtp_occ.run", *TINY, f"run_root={run_root}", *args], cwd=REPO,
+    return subprocess.Popen([sys.executable, "-m", "mtp_occ.run", *args, *TINY, f"run_root={run_root}"], cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
@@ -114,11 +114,13 @@ def test_four_regime_multirun_writes_four_complete_run_dirs(tmp_path):
     out, _ = p.communicate(timeout=900)
     assert p.returncode == 0, out
     assert (tmp_path / "multirun.yaml").exists()
+    dirs = sorted(p.parent for p in tmp_path.glob("*/run.json"))
+    assert len(dirs) == 4, dirs
     for name in ("detach", "ce", "policy", "occ"):
-        d = tmp_path / f"regime={name}"
+        (d,) = [p for p in dirs if p.name.startswith(f"regime={name},")]  # the swept key leads the name
         run = json.loads((d / "run.json").read_text())
-        assert run["status"] == "finished" and run["name"] == f"regime={name}"
-        assert (d / "overrides.txt").read_text().splitlines()[-1] == f"regime={name}"
+        assert run["status"] == "finished" and run["name"] == d.name
+        assert f"regime={name}" in (d / "overrides.txt").read_text().splitlines()
         assert (d / "config.yaml").exists() and (d / "eval" / "summary.json").exists()
         assert (d / "eval" / "samples.jsonl").exists() and (d / "checkpoints" / "latest").exists()
         rows = _metrics(d)

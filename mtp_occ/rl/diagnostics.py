@@ -36,7 +36,12 @@ class Decomposition:
 
     @torch.no_grad()
     def measure(self) -> dict[str, float]:
-        """After the joint backward(s), before clipping: c, v², cos and ‖g_RL‖² in float64."""
+        """After the joint backward(s) and the gradient all-reduce, before clipping: c, v², cos and
+        ‖g_RL‖² in float64 over the global mini-batch."""
+        from mtp_occ.dist import all_reduce_
+
+        for acc in (*self.g_mtp, *self.lam_g_mtp):
+            all_reduce_(acc)
         c = v2 = rl2 = 0.0
         for p, g_mtp, lam_g in zip(self.params, self.g_mtp, self.lam_g_mtp, strict=True):
             total = p.grad if p.grad is not None else torch.zeros_like(p)
