@@ -18,6 +18,7 @@ import os
 import random
 import shutil
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -57,31 +58,43 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save(ckpt_root: Path, step: int, state: dict[str, Any], keep: int = 2) -> Path:
-    """Write `state` (+ RNG states) as step `step` atomically; keep the newest `keep` checkpoints."""
-    model_state = state.get("model", {})
+def save(ckpt_root: Path, step: int, state: dict[str, Any], keep: int = 2, *, is_main: bool = True,
+         shards: Callable[[Path], None] | None = None) -> Path:
+    """Write `state` (+ RNG states) as step `step` atomically; keep the newest `keep` checkpoints (0: all).
+    Call on every rank: rank 0 (`is_main`) writes `state.pt` and renames; `shards(tmp_dir)`, if given,
+    lets every rank add its own files (DeepSpeed ZeRO) before the rename."""
+    from mtp_occ.dist import barrier
+
+    model_state = state.get("engine", {}).get("model", {})
     bad = [k for k, v in model_state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise FloatingPointError(f"refusing to checkpoint step {step}: non-finite values in {bad[:3]}")
-    ckpt_root.mkdir(parents=True, exist_ok=True)
-    for stale in ckpt_root.glob("*.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
     name = f"step_{step:06d}"
-    tmp = ckpt_root / f"{name}.tmp-{os.getpid()}"
-    tmp.mkdir()
-    with open(tmp / "state.pt", "wb") as f:
-        torch.save({**state, "step": step, "rng": rng_state()}, f)
-        f.flush()
-        os.fsync(f.fileno())
-    _write_durable(tmp / "COMPLETE", b"ok\n")
+    tmp = ckpt_root / f"{name}.tmp-save"
+    if is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        for stale in ckpt_root.glob("*.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp.mkdir()
+        with open(tmp / "state.pt", "wb") as f:
+            torch.save({**state, "step": step, "rng": rng_state()}, f)
+            f.flush()
+            os.fsync(f.fileno())
+    barrier()
+    if shards is not None:
+        shards(tmp)
+        barrier()
     final = ckpt_root / name
-    if final.exists():  # re-saving a step after a resume: replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(ckpt_root)
-    _write_durable(ckpt_root / LATEST, name.encode())
-    for old in complete_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+    if is_main:
+        _write_durable(tmp / "COMPLETE", b"ok\n")
+        if final.exists():  # re-saving a step after a resume: replace it
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(ckpt_root)
+        _write_durable(ckpt_root / LATEST, name.encode())
+        for old in complete_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
     return final
 
 
@@ -107,3 +120,13 @@ def load(ckpt_dir: Path) -> dict[str, Any]:
     state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
     set_rng_state(state["rng"])
     return state
+
+
+def model_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
+    """The model's full state dict from a checkpoint: from `state.pt`, or gathered from ZeRO shards."""
+    state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
+    if "model" in state.get("engine", {}):
+        return state["engine"]["model"]
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir.parent), tag=ckpt_dir.name)

@@ -3,10 +3,11 @@
     with PreemptionGuard() as guard:              # SIGUSR1 / SIGUSR2 / SIGTERM only set a flag
         for step in ...:
             ...                                    # the step runs to its end, untouched
-            if guard.requested or <save_every>:
+            stop = max_int(guard.requested)        # ranks agree: one signalled rank stops them all
+            if stop or <save_every>:
                 checkpoint.save(...)               # our checkpoint first,
-            if guard.requested:
-                guard.exit_for_requeue(run_dir)    # then requeue (under SLURM) and exit
+            if stop:
+                guard.exit_for_requeue(run_dir)    # then requeue (under SLURM) and raise Preempted
 
 The usual submitit way is the other way round: submitit's signal handler interrupts the job wherever it
 is and calls the callable's `checkpoint()`, which must capture the state right there. Ours cannot: a
@@ -36,10 +37,12 @@ environment) and `SubmitCheck`, the Hydra callback the `conf/hydra/launcher/slur
 on the submitting side every job's config must convert (value checks included) and have its own run
 dir, so a bad sweep fails before anything is queued.
 
+`Preempted` is a SystemExit: code that catches Exception lets it through, and the training loop can
+tell it from a crash (run.json keeps "preempted", not "failed").
+
 Limits: handlers can only be installed from the main thread (elsewhere the guard warns and stays
-inert). With several ranks each rank sees its own signal; a distributed loop must agree on the flag
-(all-reduce MAX) before it acts. Child processes receive SLURM's signals too (the whole step is
-signalled), so worker pools must ignore SIGUSR1/SIGUSR2.
+inert). Each rank sees its own signal, hence the all-reduce above. Child processes receive SLURM's
+signals too (the whole step is signalled), so worker pools must ignore SIGUSR1/SIGUSR2.
 """
 
 from __future__ import annotations
@@ -126,11 +129,13 @@ class PreemptionGuard:
         self.requested = False
         self.signal: signal.Signals | None = None
         self._previous: dict[signal.Signals, Any] = {}
+        self._submitit: Any = None  # submitit's requeue handler, when we run inside a submitit job
 
     def __enter__(self) -> PreemptionGuard:
         try:
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._on_signal)
+                self._submitit = self._submitit or _submitit_requeue_handler(self._previous[sig])
         except ValueError:  # not the main thread: Python only lets the main thread install handlers
             self._restore()
             warnings.warn("PreemptionGuard: not in the main thread, so signals keep their default handling "
@@ -148,44 +153,53 @@ class PreemptionGuard:
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Only a flag: the step in flight finishes, then the loop checkpoints and calls exit_for_requeue.
         self.requested, self.signal = True, signal.Signals(signum)
-        print(f"[preempt] {self.signal.name} received: finishing this step, then checkpoint and "
-              f"{'requeue' if slurm_job_id() else 'exit'}", file=sys.stderr, flush=True)
+        # os.write, not print: the handler may run in the middle of a print to stderr (tqdm), and a
+        # buffered stream entered twice raises "reentrant call"
+        os.write(2, f"[preempt] {self.signal.name} received: stopping after this step, checkpoint first\n".encode())
 
     def exit_for_requeue(self, run_dir: Path | str | None = None) -> NoReturn:
-        """Call after the checkpoint of the current step is saved. Marks run.json "preempted", requeues
-        the SLURM job when the signal asks for it (see the module docstring), and exits."""
-        sig = self.signal or signal.SIGTERM
+        """Call after the checkpoint of the current step is saved (on every rank, `run_dir` on rank 0 only).
+        Marks run.json "preempted", requeues the SLURM job when the signal asks for it (see the module
+        docstring) and raises `Preempted`. A guard that saw no signal itself stops because another rank
+        was signalled, and acts as for SIGUSR2."""
+        sig = self.signal or signal.SIGUSR2
         job = slurm_job_id()
         if run_dir is not None:
             _record_preemption(Path(run_dir), sig, job)
         code = 128 + int(sig)  # the shell's convention for "ended by this signal"
         if job is None:
             _say(f"stopped by {sig.name} after the checkpoint; run the same command again to resume")
-            raise SystemExit(code)
+            raise Preempted(code)
         if sig == signal.SIGTERM:
             _say(f"SLURM is ending job {job} ({sig.name}); checkpoint saved, not requeueing (a job SLURM "
                  f"preempts with PreemptMode=REQUEUE comes back by itself; otherwise resubmit the command)")
-            raise SystemExit(code)
-        submitit_handler = self._submitit_handler()
-        if submitit_handler is not None:
-            # submitit's own path: launcher.checkpoint() -> pickle -> scontrol requeue -> sys.exit(-1).
-            # It returns only on ranks other than 0, which leave the requeue to rank 0.
-            submitit_handler(int(sig), None)
-            raise SystemExit(code)
-        _say(f"requeueing SLURM job {job} after {sig.name}")
-        done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-        if done.returncode != 0:
-            _say(f"`scontrol requeue {job}` failed ({done.stderr.strip()}); resubmit the same command to resume")
-        raise SystemExit(code)
+            raise Preempted(code)
+        if self._submitit is not None:
+            # submitit's own path: launcher.checkpoint() -> pickle -> scontrol requeue -> sys.exit(-1). It
+            # returns on ranks other than 0, which leave the requeue to rank 0.
+            try:
+                self._submitit(int(sig), None)
+            except SystemExit as e:
+                raise Preempted(e.code) from None
+            raise Preempted(code)
+        if os.environ.get("SLURM_PROCID", "0") == "0":  # one requeue per job, not one per task
+            _say(f"requeueing SLURM job {job} after {sig.name}")
+            done = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
+            if done.returncode != 0:
+                _say(f"`scontrol requeue {job}` failed ({done.stderr.strip()}); resubmit the command to resume")
+        raise Preempted(code)
 
-    def _submitit_handler(self) -> Any:
-        """submitit's checkpoint-and-requeue handler, if it was installed before this guard."""
-        for handler in self._previous.values():
-            owner = getattr(handler, "__self__", None)
-            if type(owner).__module__.startswith("submitit.") and \
-                    getattr(handler, "__name__", "") == "checkpoint_and_try_requeue":
-                return handler
-        return None
+
+class Preempted(SystemExit):
+    """Raised by `exit_for_requeue`: the run stopped after checkpointing and resumes later. A SystemExit,
+    so nothing that catches Exception swallows it; the exit code is 128+signal (-1 from submitit)."""
+
+
+def _submitit_requeue_handler(handler: Any) -> Any:
+    """`handler` if it is submitit's checkpoint-and-requeue signal handler (a bound method), else None."""
+    owner = getattr(handler, "__self__", None)
+    is_submitit = type(owner).__module__.startswith("submitit.")
+    return handler if is_submitit and getattr(handler, "__name__", "") == "checkpoint_and_try_requeue" else None
 
 
 def _record_preemption(run_dir: Path, sig: signal.Signals, job: str | None) -> None:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import socket
 import subprocess
@@ -29,12 +28,14 @@ import torch
 from mtp_occ import checkpoint
 from mtp_occ.config import Config, plain_dict
 from mtp_occ.data import PromptSampler, build_prompts
-from mtp_occ.dist import DistInfo, barrier, init_distributed, max_int, mean_metrics, shutdown
+from mtp_occ.dist import DistInfo, init_distributed, max_int, mean_metrics, shutdown
+from mtp_occ.engine import build_engine
 from mtp_occ.eval.policy import evaluate_policy
 from mtp_occ.eval.runner import flat_metrics
 from mtp_occ.eval.templates import format_prompt
 from mtp_occ.log import RunLogger, update_run_json
 from mtp_occ.model.load import build_policy
+from mtp_occ.preempt import Preempted, PreemptionGuard
 from mtp_occ.regimes import build_regime
 from mtp_occ.rl.grpo import dynamic_sampling_keep_G, group_advantages, overlong_penalty
 from mtp_occ.rollout.hf import RolloutBatch, concat_batches, generate
@@ -69,21 +70,6 @@ def prepare_run_dir(cfg: Config, overrides: list[str]) -> Path:
     return run_dir
 
 
-def build_optimizer(model, cfg: Config):
-    a = cfg.algo
-    opt = torch.optim.AdamW(model.parameters(), lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay)
-
-    def lr_lambda(step: int) -> float:
-        if step < a.lr_warmup_steps:
-            return (step + 1) / a.lr_warmup_steps
-        if a.lr_schedule.value == "cosine":
-            p = (step - a.lr_warmup_steps) / max(1, cfg.steps - a.lr_warmup_steps)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
-        return 1.0
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-
-
 def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, step: int, d: DistInfo):
     """Rollouts for `prompts_per_step` prompts, graded; with dynamic sampling, groups whose rewards are
     all equal are dropped and refilled from fresh prompts (up to `dynamic_sampling_max_batches` tries)."""
@@ -100,7 +86,8 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
         batch = generate(model.lm, tok, texts, G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                          max_new_tokens=r.max_new_tokens, max_prompt_len=r.max_prompt_len, batch_size=r.batch_size,
                          seed=step_seed(cfg.seed, step, attempt), add_special_tokens=cfg.data.template == "plain",
-                         row_keys=(torch.tensor(idx).unsqueeze(1) * G + torch.arange(G)).reshape(-1))
+                         row_keys=(torch.tensor(idx).unsqueeze(1) * G + torch.arange(G)).reshape(-1),
+                         synced_gpus=cfg.deepspeed.enabled and cfg.deepspeed.stage == 3 and d.world > 1)
         gold = [p.answer for p in items for _ in range(G)]
         v = grade(batch.completions, gold, grader=cfg.reward.grader, timeout_s=cfg.reward.timeout_s,
                   extract=cfg.reward.extract, workers=cfg.reward.workers or None)
@@ -172,13 +159,12 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     prompts = build_prompts(cfg.data, cfg.seed)
     sampler = PromptSampler(len(prompts), cfg.seed, cfg.data.shuffle)
     regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)
-    optimizer, lr_sched = build_optimizer(model, cfg)
+    engine = build_engine(model, cfg, d.world)
     ckpt_root, start, faults = run_dir / "checkpoints", 0, 0
     if (last := checkpoint.latest(ckpt_root)) is not None:
         st = checkpoint.load(last)
-        model.load_state_dict(st["model"]), optimizer.load_state_dict(st["optimizer"])
-        lr_sched.load_state_dict(st["lr_sched"]), sampler.load_state_dict(st["sampler"])
-        regime.load_state_dict(st["regime"])
+        engine.load_state_dict(st["engine"]), engine.load_shards(last)
+        sampler.load_state_dict(st["sampler"]), regime.load_state_dict(st["regime"])
         start, faults = st["step"], st["faults"]
         log.info("resumed from %s (step %d)", last, start)
     wb = cfg.wandb
@@ -190,43 +176,49 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"RL {cfg.regime.name}", unit="step", initial=start,
                total=cfg.steps, mininterval=2.0, disable=not d.is_main)
     try:
-        for step in bar:
-            t0 = time.perf_counter()
-            rollouts, metrics = collect_rollouts(cfg, model, tok, prompts, sampler, step, d)
-            t1 = t2 = time.perf_counter()
-            if not max_int(rollouts is None):  # dynamic sampling kept nothing somewhere: every rank skips
-                batch, reward_B = rollouts
-                adv_B = group_advantages(reward_B, cfg.algo.group_size, cfg.algo.norm_std, cfg.algo.adv_eps).to(d.device)
-                old_BT = old_logprobs(model, batch, cfg.algo.micro_batch_size, cfg.rollout.temperature)
-                t2 = time.perf_counter()
-                res = rl_update(model, optimizer, regime, batch, old_BT, adv_B, cfg.algo,
-                                coef_scale=coef((step - 1) / cfg.steps), temperature=cfg.rollout.temperature,
-                                group_size=cfg.algo.group_size,
-                                diagnose=bool(cfg.diagnostics.every) and step % cfg.diagnostics.every == 0)
-                metrics.update(res.metrics)
-                faults += res.skipped
-                bad_streak = bad_streak + 1 if res.skipped == cfg.algo.updates_per_step else 0
-                if bad_streak >= cfg.algo.max_bad_steps:
-                    raise FloatingPointError(f"step {step}: {bad_streak} consecutive steps with every update skipped "
-                                             f"for a non-finite {res.bad_term} term; lower algo.lr or check the data")
-            lr_sched.step()
-            t3 = time.perf_counter()
-            metrics = mean_metrics({**metrics, "lr": lr_sched.get_last_lr()[0], "fault/skipped_total": float(faults),
-                                    "time/rollout_s": t1 - t0, "time/old_logprob_s": t2 - t1,
-                                    "time/update_s": t3 - t2, "time/step_s": t3 - t0})
-            samples = None
-            if d.is_main and cfg.eval.enabled and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                summary, samples = evaluate_policy(cfg, model, tok, run_dir / "eval", step), run_dir / "eval" / "samples.jsonl"
-                metrics.update(flat_metrics(summary))
-            logger.log(metrics, step, samples_path=samples)
-            if d.is_main and (step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0)):
-                checkpoint.save(ckpt_root, step, {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                                                  "lr_sched": lr_sched.state_dict(), "sampler": sampler.state_dict(),
-                                                  "regime": regime.state_dict(), "faults": faults},
-                                keep=cfg.keep_checkpoints)
-            barrier()
-            bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
-                            lam=f"{metrics.get('mtp/lambda', 0.0):.3g}")
+        with PreemptionGuard() as guard:  # SIGUSR1/SIGUSR2/SIGTERM: finish the step, checkpoint, requeue
+            for step in bar:
+                t0 = time.perf_counter()
+                rollouts, metrics = collect_rollouts(cfg, model, tok, prompts, sampler, step, d)
+                t1 = t2 = time.perf_counter()
+                if not max_int(rollouts is None):  # dynamic sampling kept nothing somewhere: every rank skips
+                    batch, reward_B = rollouts
+                    adv_B = group_advantages(reward_B, cfg.algo.group_size, cfg.algo.norm_std, cfg.algo.adv_eps).to(d.device)
+                    old_BT = old_logprobs(model, batch, cfg.algo.micro_batch_size, cfg.rollout.temperature)
+                    t2 = time.perf_counter()
+                    res = rl_update(model, engine, regime, batch, old_BT, adv_B, cfg.algo,
+                                    coef_scale=coef((step - 1) / cfg.steps), temperature=cfg.rollout.temperature,
+                                    group_size=cfg.algo.group_size,
+                                    diagnose=bool(cfg.diagnostics.every) and step % cfg.diagnostics.every == 0)
+                    metrics.update(res.metrics)
+                    faults += res.skipped
+                    bad_streak = bad_streak + 1 if res.skipped == cfg.algo.updates_per_step else 0
+                    if bad_streak >= cfg.algo.max_bad_steps:
+                        raise FloatingPointError(f"step {step}: {bad_streak} consecutive steps with every update skipped "
+                                                 f"for a non-finite {res.bad_term} term; lower algo.lr or check the data")
+                engine.lr_sched.step()
+                t3 = time.perf_counter()
+                metrics = mean_metrics({**metrics, "lr": engine.lr(), "fault/skipped_total": float(faults),
+                                        "time/rollout_s": t1 - t0, "time/old_logprob_s": t2 - t1,
+                                        "time/update_s": t3 - t2, "time/step_s": t3 - t0})
+                samples = None
+                if d.is_main and cfg.eval.enabled and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    summary, samples = evaluate_policy(cfg, model, tok, run_dir / "eval", step), run_dir / "eval" / "samples.jsonl"
+                    metrics.update(flat_metrics(summary))
+                logger.log(metrics, step, samples_path=samples)
+                stop = max_int(guard.requested)  # one signalled rank stops every rank after this step
+                if stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
+                    checkpoint.save(ckpt_root, step, {"engine": engine.state_dict(), "sampler": sampler.state_dict(),
+                                                      "regime": regime.state_dict(), "faults": faults},
+                                    keep=cfg.keep_checkpoints, is_main=d.is_main, shards=engine.save_shards)
+                if stop:
+                    guard.exit_for_requeue(run_dir if d.is_main else None)
+                bar.set_postfix(reward=f"{metrics.get('reward/mean', float('nan')):.3f}",
+                                lam=f"{metrics.get('mtp/lambda', 0.0):.3g}")
+    except Preempted:  # checkpointed at this step; SLURM's requeue (or the same command) resumes
+        logger.finish("preempted")
+        shutdown()
+        raise
     except BaseException:  # a crash (or Ctrl-C) is recorded as such, in run.json and in wandb
         logger.finish("failed")
         if d.is_main:

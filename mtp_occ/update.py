@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from mtp_occ.config import AlgoConfig
-from mtp_occ.dist import all_reduce_grads_, max_int, sum_floats
+from mtp_occ.dist import max_int, sum_floats
 from mtp_occ.model.mtp import MTPModel
 from mtp_occ.regimes import MtpTermInputs, Regime
 from mtp_occ.rl.diagnostics import Decomposition
@@ -59,8 +59,9 @@ def old_logprobs(model: MTPModel, batch: RolloutBatch, micro: int, temperature: 
     return torch.cat(out)
 
 
-def _micro_step(model, regime: Regime, mb: RolloutBatch, old_BT, adv_B, algo: AlgoConfig, denoms: dict,
-                coef_scale: float, temperature: float, diag: Decomposition | None) -> tuple[dict[str, float], str | None]:
+def _micro_step(model, engine, regime: Regime, mb: RolloutBatch, old_BT, adv_B, algo: AlgoConfig, denoms: dict,
+                coef_scale: float, temperature: float, diag: Decomposition | None, last: bool
+                ) -> tuple[dict[str, float], str | None]:
     out = model(mb.input_ids_BT, mb.attention_mask_BT, mb.response_mask_BT, grad_path=regime.grad_path,
                 temperature=temperature)
     def loss_fn(logprob_BT, mask_BT, denom=None):
@@ -79,7 +80,7 @@ def _micro_step(model, regime: Regime, mb: RolloutBatch, old_BT, adv_B, algo: Al
         ratio, c_hat, v2_hat = occ_coefficient(out.logprob_BT, out.mtp_logprob_KBT[0], old_BT, out.mtp_rl_mask_KBT[0])
         metrics.update({"diag/c_hat": c_hat, "diag/v2_hat": v2_hat, "diag/ratio_hat": ratio})
     loss = pg + mtp_term  # the one line where the regime meets the policy gradient
-    loss.backward()
+    engine.backward(loss, last)
     bad = None if math.isfinite(pg.item()) else "pg"
     if bad is None and not math.isfinite(mtp_term.item()):
         bad = "occ λ" if not math.isfinite(term.lam) else "mtp"
@@ -122,12 +123,12 @@ def _null_batch(like: RolloutBatch) -> RolloutBatch:
                         like.completions[:1], 0)
 
 
-def rl_update(model: MTPModel, optimizer, regime: Regime, batch: RolloutBatch, old_BT: torch.Tensor,
+def rl_update(model: MTPModel, engine, regime: Regime, batch: RolloutBatch, old_BT: torch.Tensor,
               adv_B: torch.Tensor, algo: AlgoConfig, *, coef_scale: float, temperature: float,
               group_size: int, diagnose: bool = False) -> UpdateResult:
-    """All mini-batch updates of one RL step; returns metrics averaged over updates. With `diagnose`,
-    also the exact decomposition (`diag/*`), averaged over the updates after the first (at the first,
-    logp == logp_old, so the proxy ĉ is 0 by construction)."""
+    """All mini-batch updates of one RL step through `engine` (`mtp_occ.engine`); returns metrics averaged
+    over updates. With `diagnose`, also the exact decomposition (`diag/*`), averaged over the updates
+    after the first (at the first, logp == logp_old, so the proxy ĉ is 0 by construction)."""
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     skipped, bad_term = 0, None
@@ -138,29 +139,25 @@ def rl_update(model: MTPModel, optimizer, regime: Regime, batch: RolloutBatch, o
         mb, mb_old, mb_adv = batch.select(rows), old_BT[rows], adv_B[rows]
         diag = Decomposition(shared) if diagnose and (u > 0 or len(updates) == 1) else None
         denoms = _denominators(mb, model.depth, algo.agg)
-        optimizer.zero_grad(set_to_none=True)
+        engine.zero_grad()
         step = algo.micro_batch_size or max_int(len(mb))
         bad, micro = None, []
-        for i in range(max_int(math.ceil(len(mb) / step))):  # the same count on every rank
+        n_micro = max_int(math.ceil(len(mb) / step))  # the same count on every rank
+        for i in range(n_micro):
             r = torch.arange(i * step, min((i + 1) * step, len(mb)))
             part, old, adv = (mb.select(r), mb_old[r], mb_adv[r]) if len(r) else (_null_batch(batch), old_BT[:1], adv_B[:1])
-            m, b = _micro_step(model, regime, part, old, adv, algo, denoms, coef_scale, temperature, diag)
+            m, b = _micro_step(model, engine, regime, part, old, adv, algo, denoms, coef_scale, temperature, diag,
+                               last=i == n_micro - 1)
             bad, micro = bad or b, micro + [m] if len(r) else micro
-        all_reduce_grads_(list(model.parameters()))
-        if diag is not None:
-            micro[-1].update(diag.measure())
-        for k, v in _merge_micro(micro).items():
+        bad = bad if not max_int(bad is not None) else (bad or "remote")  # every rank skips together
+        norm, mtp_norm, applied = engine.step(finite=bad is None, before_clip=diag.measure if diag else None)
+        merged = _merge_micro(micro)
+        merged.update({"grad/norm": norm, "grad/mtp_norm": mtp_norm, **(diag.result if diag else {})})
+        for k, v in merged.items():
             sums[k] += v
             counts[k] += 1
-        norm, mtp_norm = clip_grads(model, algo.grad_clip)
-        for k, v in (("grad/norm", norm), ("grad/mtp_norm", mtp_norm)):
-            sums[k] += v
-            counts[k] += 1
-        if bad is not None or not math.isfinite(norm + mtp_norm):
-            optimizer.zero_grad(set_to_none=True)
+        if not applied:
             skipped, bad_term = skipped + 1, bad or "gradient"
-            continue
-        optimizer.step()
     metrics = {k: sums[k] / counts[k] for k in sums}
     metrics["fault/skipped_updates"] = float(skipped)
     return UpdateResult(metrics, skipped, bad_term)

@@ -34,7 +34,9 @@ def _run(tmp_path, *extra):
 
 
 def _weights(run_dir: Path, step: int) -> dict:
-    return torch.load(run_dir / "checkpoints" / f"step_{step:06d}" / "state.pt", weights_only=False)["model"]
+    from mtp_occ.checkpoint import model_weights
+
+    return model_weights(run_dir / "checkpoints" / f"step_{step:06d}")
 
 
 def _metrics(run_dir: Path) -> list[dict]:

@@ -31,9 +31,7 @@ def _load(target: Path, overrides: list[str]):
         last = checkpoint.latest(target / "checkpoints")
         if last is None:
             raise FileNotFoundError(f"{target} has no complete checkpoint to evaluate")
-        import torch
-
-        model.load_state_dict(torch.load(last / "state.pt", map_location="cpu", weights_only=False)["model"])
+        model.load_state_dict(checkpoint.model_weights(last))
         return cfg, model, tok, target / "eval" / f"{last.name}{'-' + '_'.join(overrides) if overrides else ''}"
     if (target / "config.json").exists():
         cfg = compose(["model.source=hf", f"model.name_or_path={target}", f"model.name={target.name}", *overrides])

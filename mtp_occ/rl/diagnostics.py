@@ -21,6 +21,7 @@ class Decomposition:
 
     def __init__(self, params: list[torch.nn.Parameter]):
         self.params = params
+        self.result: dict[str, float] = {}
         self.g_mtp = [torch.zeros_like(p) for p in params]
         self.lam_g_mtp = [torch.zeros_like(p) for p in params]
 
@@ -50,4 +51,5 @@ class Decomposition:
             v2 += float(g_mtp.double().square().sum())
             rl2 += float(g_rl.square().sum())
         cos = c / math.sqrt(v2 * rl2) if v2 > 0 and rl2 > 0 else 0.0
-        return {"diag/c": c, "diag/v2": v2, "diag/cos": cos, "diag/g_rl_norm2": rl2}
+        self.result = {"diag/c": c, "diag/v2": v2, "diag/cos": cos, "diag/g_rl_norm2": rl2}
+        return self.result
