@@ -1,0 +1,312 @@
+"""SLURM through submitit, on a real one-node cluster; and fast unit tests of `mtp_occ.preempt`.
+
+The `slurm` tests submit real jobs through sbatch with `hydra/launcher=slurm_local` (CI starts the
+cluster with `bash slurm/local_cluster.sh start`; without one they skip, with the reason shown):
+  - the four-regime sweep finishes four complete run dirs;
+  - a job signalled mid-run (SIGUSR2, what SLURM sends before a time limit) checkpoints, is requeued by
+    submitit, resumes, and ends with the metrics of an uninterrupted job of the same config;
+  - a bad config fails on the submitting side and queues nothing.
+Every job is named after its test (`hydra.launcher.name`) so that teardown can cancel leftovers.
+"""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_train import TINY
+
+from mtp_occ.preempt import (
+    PORT_BASE,
+    Preempted,
+    PreemptionGuard,
+    dist_env_from_slurm,
+    first_host,
+    slurm_job_id,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+REGIMES = ("detach", "ce", "policy", "occ")
+JOB_ARGS = [*TINY, "threads=1"]  # one CPU per job (slurm_local): two jobs share the 2 cores
+
+
+# ------------------------------------------------------------------------------- unit: SLURM env
+TASK_ENV = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_ID": "4242",
+            "SLURM_JOB_NODELIST": "gpu[003-005,010],cpu1"}
+
+
+def test_dist_env_from_slurm_derives_torch_distributed_variables():
+    env = dist_env_from_slurm(TASK_ENV)
+    assert env == {"RANK": "5", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "MASTER_ADDR": "gpu003",
+                   "MASTER_PORT": str(PORT_BASE + 4242)}
+    other_task = dist_env_from_slurm({**TASK_ENV, "SLURM_PROCID": "4", "SLURM_LOCALID": "0"})
+    assert (other_task["MASTER_ADDR"], other_task["MASTER_PORT"]) == (env["MASTER_ADDR"], env["MASTER_PORT"])
+
+
+def test_dist_env_from_slurm_keeps_an_explicit_rendezvous():
+    env = dist_env_from_slurm({**TASK_ENV, "MASTER_ADDR": "10.0.0.7", "MASTER_PORT": "29500"})
+    assert (env["MASTER_ADDR"], env["MASTER_PORT"]) == ("10.0.0.7", "29500")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"SLURM_PROCID": None}, "SLURM_PROCID is not set"),
+    ({"SLURM_NTASKS": "two"}, "SLURM_NTASKS='two' is not an integer"),
+    ({"SLURM_PROCID": "8"}, "outside [0, SLURM_NTASKS=8)"),
+    ({"SLURM_LOCALID": "6"}, "SLURM_LOCALID=6"),
+    ({"SLURM_JOB_NODELIST": "gpu[1-2"}, "is not a SLURM hostlist"),
+])
+def test_dist_env_from_slurm_names_the_bad_variable(change, message):
+    env = {k: v for k, v in {**TASK_ENV, **change}.items() if v is not None}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        dist_env_from_slurm(env)
+
+
+@pytest.mark.parametrize("nodelist, host", [("vm", "vm"), ("node[01-04]", "node01"), ("a1,b[2-3]", "a1"),
+                                            ("gpu[7,9]", "gpu7"), ("rack[2-3]-n[08-09]", "rack2-n08")])
+def test_first_host(nodelist, host):
+    assert first_host(nodelist) == host
+
+
+def test_slurm_job_id():
+    assert slurm_job_id({"SLURM_JOB_ID": "17"}) == "17"
+    assert slurm_job_id({}) is None
+
+
+# -------------------------------------------------------------------------------------- unit: guard
+def _run_dir(tmp_path: Path) -> Path:
+    (tmp_path / "run.json").write_text(json.dumps({"name": "x", "status": "running"}))
+    return tmp_path
+
+
+def _signal_self(sig: signal.Signals) -> None:
+    os.kill(os.getpid(), sig)
+    time.sleep(0.01)  # Python runs the handler at the next bytecode boundary of the main thread
+
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM])
+def test_guard_turns_a_signal_into_a_flag_and_restores_handlers(sig):
+    before = signal.getsignal(sig)
+    with PreemptionGuard() as guard:
+        assert not guard.requested
+        _signal_self(sig)
+        assert guard.requested and guard.signal == sig
+    assert signal.getsignal(sig) == before
+
+
+def test_exit_outside_slurm_marks_the_run_preempted(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    run_dir = _run_dir(tmp_path)
+    with PreemptionGuard() as guard:
+        _signal_self(signal.SIGUSR1)
+        with pytest.raises(Preempted) as stop:
+            guard.exit_for_requeue(run_dir)
+    assert isinstance(stop.value, SystemExit) and stop.value.code == 128 + signal.SIGUSR1
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["status"] == "preempted" and run["name"] == "x"
+    assert [p["signal"] for p in run["preemptions"]] == ["SIGUSR1"]
+    assert "run the same command again to resume" in capsys.readouterr().err
+
+
+class _FakeSubmititHandler:
+    """Stands in for submitit's SignalHandler: same module prefix and method name."""
+    __module__ = "submitit.core.job_environment"
+
+    def __init__(self):
+        self.calls = []
+
+    def checkpoint_and_try_requeue(self, signum, frame=None):
+        self.calls.append(signum)
+        sys.exit(-1)  # what submitit does after `scontrol requeue`
+
+
+def test_under_submitit_the_guard_hands_over_to_submitits_requeue(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    fake = _FakeSubmititHandler()
+    previous = signal.signal(signal.SIGUSR2, fake.checkpoint_and_try_requeue)
+    try:
+        with PreemptionGuard() as guard:
+            _signal_self(signal.SIGUSR2)
+            assert fake.calls == [], "the guard must hold the signal until the checkpoint is written"
+            with pytest.raises(Preempted) as stop:
+                guard.exit_for_requeue(_run_dir(tmp_path))
+        assert fake.calls == [signal.SIGUSR2] and stop.value.code == -1
+        assert signal.getsignal(signal.SIGUSR2) == fake.checkpoint_and_try_requeue
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
+    assert json.loads((tmp_path / "run.json").read_text())["preemptions"][0]["slurm_job_id"] == "77"
+
+
+def test_plain_slurm_requeues_with_scontrol_but_not_on_sigterm(tmp_path, monkeypatch):
+    import mtp_occ.preempt as preempt
+
+    calls = []
+    monkeypatch.setattr(preempt.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
+                        subprocess.CompletedProcess(cmd, 0, "", ""))
+    monkeypatch.setenv("SLURM_JOB_ID", "88")
+    monkeypatch.delenv("SLURM_PROCID", raising=False)
+    for sig, expected in ((signal.SIGUSR1, [["scontrol", "requeue", "88"]]), (signal.SIGTERM, [])):
+        calls.clear()
+        with PreemptionGuard() as guard:
+            _signal_self(sig)
+            with pytest.raises(Preempted):
+                guard.exit_for_requeue(_run_dir(tmp_path))
+        assert calls == expected, sig
+
+
+# ------------------------------------------------------------------------------- launch profiles
+def test_basic_launcher_runs_a_multirun(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "mtp_occ.run", "-m", "hydra/launcher=basic", f"run_root={tmp_path}",
+                        "regime=detach,occ", "dry_run=true"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.count("run dir") == 2
+
+
+# ------------------------------------------------------------------------------ the local cluster
+def _cluster_problem() -> str | None:
+    if shutil.which("sinfo") is None:
+        return "no SLURM client (sinfo) on this machine"
+    try:
+        p = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
+    except subprocess.TimeoutExpired:
+        return "sinfo did not answer within 10 s"
+    if not {"idle", "mixed", "allocated", "completing"} & set(p.stdout.split()):
+        return f"no usable node (sinfo: {(p.stdout + p.stderr).strip()[:200] or 'nothing'})"
+    return None
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    problem = _cluster_problem()
+    if problem:
+        pytest.skip(f"local SLURM cluster not up: {problem}; start it with `bash slurm/local_cluster.sh start`")
+
+
+@pytest.fixture
+def job_name(cluster, request):
+    """A name for this test's jobs; teardown cancels whatever is still queued under it."""
+    name = f"mtpocc-{request.node.name[:40]}-{os.getpid()}".replace("[", "-").replace("]", "")
+    yield name
+    subprocess.run(["scancel", "--name", name], capture_output=True, timeout=30)
+
+
+def _queued(name: str) -> list[str]:
+    p = subprocess.run(["squeue", "-h", "--name", name, "-o", "%i"], capture_output=True, text=True, timeout=30)
+    return p.stdout.split()
+
+
+def _env() -> dict:
+    # Jobs run with this environment (sbatch exports it): the venv's Python, the shared data dir, and
+    # the session's MTP_OCC_CACHE (conftest), so every job of every test shares one pre-trained base.
+    return {**os.environ, "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _multirun(run_root: Path, *args: str) -> list[str]:
+    return [sys.executable, "-m", "mtp_occ.run", "-m", "hydra/launcher=slurm_local", f"run_root={run_root}", *args]
+
+
+def _sweep_command(run_root: Path, args: list[str]) -> list[str]:
+    """`make sweep LAUNCHER=slurm_local` when the Makefile passes ARGS through, else its python command."""
+    if "$(ARGS)" in (REPO / "Makefile").read_text():
+        return ["make", "--no-print-directory", "sweep", "LAUNCHER=slurm_local", f"RUN_ROOT={run_root}",
+                f"BIN={Path(sys.executable).parent}", "ARGS=" + " ".join(args)]
+    return _multirun(run_root, "regime=" + ",".join(REGIMES), *args)
+
+
+def _logs(run_root: Path) -> str:
+    tails = [f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(run_root.glob(".submitit/*/*_log.*"))]
+    return "\n".join(tails) or "(no job logs)"
+
+
+def _run_dirs(run_root: Path) -> dict[str, Path]:
+    """Run dirs by the value of the `name`/`regime` override that distinguishes them."""
+    out = {}
+    for run in run_root.glob("*/run.json"):
+        overrides = dict(o.split("=", 1) for o in (run.parent / "overrides.txt").read_text().split())
+        out[overrides.get("name") or overrides["regime"]] = run.parent
+    return out
+
+
+def _metrics(run_dir: Path, strip_times: bool = False) -> list[dict]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in r.items() if not (strip_times and k.startswith("time/"))} for r in rows]
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_sweep_on_slurm_writes_four_complete_run_dirs(tmp_path, job_name):
+    cmd = _sweep_command(tmp_path, [*JOB_ARGS, f"hydra.launcher.name={job_name}"])
+    try:
+        p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"sweep did not finish in 600 s; squeue: {_queued(job_name)}\n{_logs(tmp_path)}")
+    assert p.returncode == 0, f"{p.stdout[-2000:]}\n{p.stderr[-3000:]}\n{_logs(tmp_path)}"
+    runs = _run_dirs(tmp_path)
+    assert sorted(runs) == sorted(REGIMES), list(tmp_path.iterdir())
+    job_ids = set()
+    for regime, d in runs.items():
+        run = json.loads((d / "run.json").read_text())
+        assert run["status"] == "finished", (regime, run)
+        assert str(run["slurm_job_id"]).isdigit(), (regime, run)  # it ran under SLURM, not in this process
+        job_ids.add(run["slurm_job_id"])
+        assert (d / "eval" / "summary.json").exists() and (d / "checkpoints" / "latest").exists()
+        assert [r["step"] for r in _metrics(d)] == [1, 2]
+    assert len(job_ids) == 4
+    logs = sorted(tmp_path.glob(".submitit/*/*_log.out"))
+    assert len(logs) == 4 and all("slurm/env.sh: job" in p.read_text() for p in logs)  # setup ran in each job
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_job_signalled_mid_run_requeues_and_matches_an_uninterrupted_one(tmp_path, job_name):
+    steps = 20  # ~0.2 s each: enough time to signal between step 2 and the end
+    args = [o for o in JOB_ARGS if not o.startswith("steps=")] + [f"steps={steps}", "regime=occ", "name=ref,victim",
+                                                                  f"hydra.launcher.name={job_name}"]
+    log = open(tmp_path / "submit.log", "w")
+    p = subprocess.Popen(_multirun(tmp_path / "runs", *args), cwd=REPO, env=_env(), stdout=log,
+                         stderr=subprocess.STDOUT, text=True)
+    victim = tmp_path / "runs" / "victim"
+    try:
+        deadline = time.time() + 300
+        while not ((victim / "metrics.jsonl").exists() and len(_metrics(victim)) >= 2):
+            assert p.poll() is None and time.time() < deadline, (tmp_path / "submit.log").read_text()[-3000:]
+            time.sleep(0.05)
+        job = json.loads((victim / "run.json").read_text())["slurm_job_id"]
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # as at a time limit
+        p.wait(timeout=600)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        log.close()
+    out = (tmp_path / "submit.log").read_text()
+    assert p.returncode == 0, out[-3000:] + _logs(tmp_path / "runs")
+    run = json.loads((victim / "run.json").read_text())
+    assert run["status"] == "finished"
+    assert [(e["signal"], e["slurm_job_id"]) for e in run["preemptions"]] == [("SIGUSR2", job)]
+    ref, got = _metrics(tmp_path / "runs" / "ref", True), _metrics(victim, True)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    assert got == ref
+    job_logs = _logs(tmp_path / "runs")
+    assert "Requeued job" in job_logs and "resumed from" in job_logs, job_logs  # submitit requeued, we resumed
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.parametrize("bad, message", [
+    (["regime=detach,ce,policy,occ", "algo.group_size=1"], "config key `algo.group_size`: must be >= 2"),
+    (["regime=detach,nope"], "Could not find 'regime/nope'"),
+    (["regime=detach,ce", "name=same"], "same run dir"),
+])
+def test_bad_config_fails_before_anything_is_queued(tmp_path, job_name, bad, message):
+    t0 = time.time()
+    p = subprocess.run(_multirun(tmp_path, *JOB_ARGS, *bad, f"hydra.launcher.name={job_name}"), cwd=REPO,
+                       env=_env(), capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0 and message in p.stderr, p.stderr[-3000:]
+    assert "nothing was submitted" in p.stderr
+    assert not (tmp_path / ".submitit").exists() and _queued(job_name) == []
+    assert time.time() - t0 < 60
