@@ -280,6 +280,11 @@ class RewardConfig:
         require(self.timeout_s > 0, "reward.timeout_s", "must be > 0")
         require(self.extract in ("boxed", "answer_line"), "reward.extract",
                 f"must be boxed or answer_line, got {self.extract!r}")
+        from mtp_occ.rewards import GRADERS  # stdlib-only module: cheap
+
+        require(self.grader in GRADERS, "reward.grader", f"must be one of {sorted(GRADERS)}, got {self.grader!r}")
+        require(self.compare_with in ("", *GRADERS), "reward.compare_with",
+                f"must be '' (off) or one of {sorted(GRADERS)}, got {self.compare_with!r}")
 
 
 @dataclass
@@ -306,6 +311,9 @@ class DataConfig:
         require(self.n_terms >= 2, "data.n_terms", "must be >= 2")
         require(0 <= self.min_operand <= self.max_operand, "data.min_operand",
                 "must satisfy 0 <= min_operand <= max_operand")
+        from mtp_occ.eval.templates import TEMPLATES
+
+        require(self.template in TEMPLATES, "data.template", f"must be one of {sorted(TEMPLATES)}, got {self.template!r}")
 
 
 @dataclass
@@ -331,6 +339,16 @@ class EvalConfig:
         require(self.temperature >= 0, "eval.temperature", "must be >= 0")
         require(self.temperature > 0 or self.k == 1, "eval.k", "greedy decoding (temperature=0) needs k=1")
         require(self.limit is None or self.limit >= 1, "eval.limit", "must be null or >= 1")
+        from mtp_occ.eval.benchmarks import BENCHMARK_NAMES
+        from mtp_occ.eval.templates import TEMPLATES
+        from mtp_occ.rewards import GRADERS
+
+        valid = ("arith", *BENCHMARK_NAMES)
+        bad = [b for b in self.benchmarks if b not in valid]
+        require(bool(self.benchmarks) and not bad, "eval.benchmarks",
+                f"unknown benchmark(s) {bad or '(empty list)'}; valid: {', '.join(valid)}")
+        require(self.template in TEMPLATES, "eval.template", f"must be one of {sorted(TEMPLATES)}, got {self.template!r}")
+        require(self.grader in GRADERS, "eval.grader", f"must be one of {sorted(GRADERS)}, got {self.grader!r}")
 
 
 @dataclass
@@ -474,10 +492,28 @@ def plain_dict(cfg: Any) -> dict:
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 
+def _reject_unknown_keys(node: Any, path: str = "") -> None:
+    """`+group.key=value` adds a key the schema lacks, and `to_object` would keep it silently: refuse it."""
+    import dataclasses
+
+    from omegaconf import DictConfig, OmegaConf
+
+    typ = OmegaConf.get_type(node)
+    names = [f.name for f in dataclasses.fields(typ)] if dataclasses.is_dataclass(typ) else None
+    for key in node.keys():
+        full = f"{path}{key}"
+        require(names is None or key in names, full,
+                f"unknown key; valid keys under `{path.rstrip('.') or '<root>'}`: {', '.join(names or [])}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_none() and not child._is_missing():
+            _reject_unknown_keys(child, f"{full}.")
+
+
 def to_config(dcfg: Any) -> Config:
     """Convert a composed DictConfig once into plain dataclasses (runs every `__post_init__`)."""
     from omegaconf import OmegaConf
 
+    _reject_unknown_keys(dcfg)
     return OmegaConf.to_object(dcfg)  # type: ignore[return-value]
 
 

@@ -42,7 +42,8 @@ tell it from a crash (run.json keeps "preempted", not "failed").
 
 Limits: handlers can only be installed from the main thread (elsewhere the guard warns and stays
 inert). Each rank sees its own signal, hence the all-reduce above. Child processes receive SLURM's
-signals too (the whole step is signalled), so worker pools must ignore SIGUSR1/SIGUSR2.
+signals too (the whole step is signalled) and die of them by default: start worker pools inside
+`shield_children()`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from types import FrameType
 from typing import Any, NoReturn
@@ -69,8 +71,13 @@ PORT_BASE, PORT_SPAN = 12000, 20000
 
 # ------------------------------------------------------------------------------------ SLURM environment
 def slurm_job_id(env: Mapping[str, str] | None = None) -> str | None:
-    """The SLURM job id of this process (an array task's own id), or None outside SLURM."""
+    """The id that names exactly this SLURM job for scancel/scontrol, or None outside SLURM. For an array
+    task that is `<array id>_<task id>`: the raw SLURM_JOB_ID of one task equals the array's own id, and
+    `scancel --signal=USR2 <that id>` would signal every task of the array."""
     env = os.environ if env is None else env
+    array, task = env.get("SLURM_ARRAY_JOB_ID"), env.get("SLURM_ARRAY_TASK_ID")
+    if array and task:
+        return f"{array}_{task}"
     return env.get("SLURM_JOB_ID") or None
 
 
@@ -215,6 +222,22 @@ def _record_preemption(run_dir: Path, sig: signal.Signals, job: str | None) -> N
 
 def _say(message: str) -> None:
     print(f"[preempt] {message}", file=sys.stderr, flush=True)
+
+
+@contextmanager
+def shield_children(signals: Sequence[signal.Signals] = (signal.SIGUSR1, signal.SIGUSR2)) -> Iterator[None]:
+    """Start worker processes inside this block and SLURM's preemption signals cannot kill them.
+
+    SLURM signals every process of a job step, not just the task: a grading pool's workers, its forkserver
+    and multiprocessing's resource tracker keep the default action for SIGUSR1/SIGUSR2, which is to die.
+    The signals are *blocked* here, and a blocked mask survives fork and exec, so children never see them;
+    this process gets any that arrived in the block when it ends (none is lost, unlike with SIG_IGN).
+    """
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 # ------------------------------------------------------------------------------- submit-side check

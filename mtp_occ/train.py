@@ -38,7 +38,8 @@ from mtp_occ.model.load import build_policy
 from mtp_occ.preempt import Preempted, PreemptionGuard
 from mtp_occ.regimes import build_regime
 from mtp_occ.rl.grpo import dynamic_sampling_keep_G, group_advantages, overlong_penalty
-from mtp_occ.rollout.hf import RolloutBatch, concat_batches, generate
+from mtp_occ.rollout import build_rollout
+from mtp_occ.rollout.hf import RolloutBatch, concat_batches
 from mtp_occ.schedules import build_schedule
 from mtp_occ.update import old_logprobs, rl_update
 
@@ -70,7 +71,19 @@ def prepare_run_dir(cfg: Config, overrides: list[str]) -> Path:
     return run_dir
 
 
-def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, step: int, d: DistInfo):
+def check_environment(cfg: Config) -> None:
+    """Fail in milliseconds, before any model is built, on settings this machine cannot run."""
+    if cfg.rollout.backend.value == "vllm":
+        from mtp_occ.rollout.vllm import require_cuda
+
+        require_cuda()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("device=cuda but CUDA is not available on this machine: use device=cpu or device=auto")
+    if cfg.deepspeed.enabled and cfg.diagnostics.every:
+        raise RuntimeError("diagnostics.every needs deepspeed=none: ZeRO partitions the gradients it measures")
+
+
+def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, step: int, d: DistInfo, backend):
     """Rollouts for `prompts_per_step` prompts, graded; with dynamic sampling, groups whose rewards are
     all equal are dropped and refilled from fresh prompts (up to `dynamic_sampling_max_batches` tries)."""
     from mtp_occ.rewards import grade, reward_metrics
@@ -78,12 +91,13 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
     a, r, G = cfg.algo, cfg.rollout, cfg.algo.group_size
     batches, rewards, scores, verdicts, answers, tried = [], [], [], [], [], 0
     kept = 0
+    backend.prepare(model)
     for attempt in range(a.dynamic_sampling_max_batches if a.dynamic_sampling else 1):
         share = a.prompts_per_step // d.world  # every rank advances the sampler; each takes its block
         idx = sampler.next(a.prompts_per_step)[d.rank * share:(d.rank + 1) * share]
         items = [prompts[i] for i in idx]
         texts = [format_prompt(p.problem, cfg.data.template, tok) for p in items]
-        batch = generate(model.lm, tok, texts, G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
+        batch = backend.generate(tok, texts, G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
                          max_new_tokens=r.max_new_tokens, max_prompt_len=r.max_prompt_len, batch_size=r.batch_size,
                          seed=step_seed(cfg.seed, step, attempt), add_special_tokens=cfg.data.template == "plain",
                          row_keys=(torch.tensor(idx).unsqueeze(1) * G + torch.arange(G)).reshape(-1),
@@ -105,6 +119,7 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
         kept += len(rows) // G
         if kept >= a.prompts_per_step // d.world:
             break
+    backend.release()
     if kept == 0:
         return None, {"groups/kept_frac": 0.0}
     batch = concat_batches(batches)
@@ -125,6 +140,20 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
 
         m["arith/step_acc"] = sum(step_accuracy("", c) for c in batch.completions) / len(batch)
     return (batch, reward_B), m
+
+
+def correct_rollout_mismatch(batch: RolloutBatch, old_BT: torch.Tensor, tis_cap: float) -> dict[str, float]:
+    """vLLM rollouts: log the sampler-vs-trainer log-prob gap; with `tis_cap`, set truncated IS weights."""
+    if batch.rollout_logprob_BT is None:
+        return {}
+    from mtp_occ.model.mtp import aligned_masks
+    from mtp_occ.rollout.vllm import logprob_mismatch, tis_weights_BT
+
+    loss_BT = aligned_masks(batch.attention_mask_BT, batch.response_mask_BT, 1)[0]
+    rollout_BT = batch.rollout_logprob_BT.to(old_BT.device)
+    if tis_cap > 0:
+        batch.token_weight_BT = tis_weights_BT(old_BT, rollout_BT, tis_cap)
+    return {"rollout/logprob_mismatch": logprob_mismatch(old_BT, rollout_BT, loss_BT)}
 
 
 def evaluate_base(cfg: Config, model, tok, run_dir: Path, base_dir: Path | None) -> dict:
@@ -149,6 +178,7 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     """Train per `cfg`, evaluate, and return the final eval summary (plus timing)."""
     from tqdm.auto import tqdm
 
+    check_environment(cfg)
     t_start, d = time.time(), init_distributed(cfg.device)
     run_dir = prepare_run_dir(cfg, overrides) if d.is_main else cfg.run_dir
     if cfg.threads:
@@ -160,6 +190,7 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     sampler = PromptSampler(len(prompts), cfg.seed, cfg.data.shuffle)
     regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)
     engine = build_engine(model, cfg, d.world)
+    backend = build_rollout(cfg, model, str(base_dir) if base_dir else cfg.model.name_or_path or None, cfg.seed)
     ckpt_root, start, faults = run_dir / "checkpoints", 0, 0
     if (last := checkpoint.latest(ckpt_root)) is not None:
         st = checkpoint.load(last)
@@ -179,12 +210,13 @@ def train(cfg: Config, overrides: list[str]) -> dict:
         with PreemptionGuard() as guard:  # SIGUSR1/SIGUSR2/SIGTERM: finish the step, checkpoint, requeue
             for step in bar:
                 t0 = time.perf_counter()
-                rollouts, metrics = collect_rollouts(cfg, model, tok, prompts, sampler, step, d)
+                rollouts, metrics = collect_rollouts(cfg, model, tok, prompts, sampler, step, d, backend)
                 t1 = t2 = time.perf_counter()
                 if not max_int(rollouts is None):  # dynamic sampling kept nothing somewhere: every rank skips
                     batch, reward_B = rollouts
                     adv_B = group_advantages(reward_B, cfg.algo.group_size, cfg.algo.norm_std, cfg.algo.adv_eps).to(d.device)
                     old_BT = old_logprobs(model, batch, cfg.algo.micro_batch_size, cfg.rollout.temperature)
+                    metrics.update(correct_rollout_mismatch(batch, old_BT, cfg.rollout.tis_cap))
                     t2 = time.perf_counter()
                     res = rl_update(model, engine, regime, batch, old_BT, adv_B, cfg.algo,
                                     coef_scale=coef((step - 1) / cfg.steps), temperature=cfg.rollout.temperature,

@@ -66,7 +66,8 @@ def _micro_step(model, engine, regime: Regime, mb: RolloutBatch, old_BT, adv_B, 
                 temperature=temperature)
     def loss_fn(logprob_BT, mask_BT, denom=None):
         return policy_loss(logprob_BT, old_BT, adv_B, mask_BT, clip_low=algo.clip_low, clip_high=algo.clip_high,
-                           dual_clip=algo.dual_clip, agg=algo.agg, level=algo.level.value, denom=denom)
+                           dual_clip=algo.dual_clip, agg=algo.agg, level=algo.level.value, denom=denom,
+                           token_weight_BT=mb.token_weight_BT)
 
     pg, pg_m = loss_fn(out.logprob_BT, out.loss_mask_BT, denom=denoms["pg"])
     x = MtpTermInputs(out.logprob_BT, old_BT, out.mtp_logprob_KBT, out.mtp_ce_mask_KBT, out.mtp_rl_mask_KBT,

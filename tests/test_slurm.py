@@ -28,12 +28,20 @@ from mtp_occ.preempt import (
     PreemptionGuard,
     dist_env_from_slurm,
     first_host,
+    shield_children,
     slurm_job_id,
 )
 
 REPO = Path(__file__).resolve().parent.parent
 REGIMES = ("detach", "ce", "policy", "occ")
 JOB_ARGS = [*TINY, "threads=1"]  # one CPU per job (slurm_local): two jobs share the 2 cores
+
+
+@pytest.fixture(autouse=True)
+def _outside_any_slurm_job(monkeypatch):
+    """Tests start outside SLURM even when pytest itself runs inside an allocation."""
+    for key in [k for k in os.environ if k.startswith("SLURM_")]:
+        monkeypatch.delenv(key)
 
 
 # ------------------------------------------------------------------------------- unit: SLURM env
@@ -73,8 +81,9 @@ def test_first_host(nodelist, host):
     assert first_host(nodelist) == host
 
 
-def test_slurm_job_id():
+def test_slurm_job_id_names_an_array_task_unambiguously():
     assert slurm_job_id({"SLURM_JOB_ID": "17"}) == "17"
+    assert slurm_job_id({"SLURM_JOB_ID": "17", "SLURM_ARRAY_JOB_ID": "17", "SLURM_ARRAY_TASK_ID": "1"}) == "17_1"
     assert slurm_job_id({}) is None
 
 
@@ -99,8 +108,7 @@ def test_guard_turns_a_signal_into_a_flag_and_restores_handlers(sig):
     assert signal.getsignal(sig) == before
 
 
-def test_exit_outside_slurm_marks_the_run_preempted(tmp_path, monkeypatch, capsys):
-    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+def test_exit_outside_slurm_marks_the_run_preempted(tmp_path, capsys):
     run_dir = _run_dir(tmp_path)
     with PreemptionGuard() as guard:
         _signal_self(signal.SIGUSR1)
@@ -149,7 +157,6 @@ def test_plain_slurm_requeues_with_scontrol_but_not_on_sigterm(tmp_path, monkeyp
     monkeypatch.setattr(preempt.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or
                         subprocess.CompletedProcess(cmd, 0, "", ""))
     monkeypatch.setenv("SLURM_JOB_ID", "88")
-    monkeypatch.delenv("SLURM_PROCID", raising=False)
     for sig, expected in ((signal.SIGUSR1, [["scontrol", "requeue", "88"]]), (signal.SIGTERM, [])):
         calls.clear()
         with PreemptionGuard() as guard:
@@ -157,6 +164,23 @@ def test_plain_slurm_requeues_with_scontrol_but_not_on_sigterm(tmp_path, monkeyp
             with pytest.raises(Preempted):
                 guard.exit_for_requeue(_run_dir(tmp_path))
         assert calls == expected, sig
+
+
+def test_children_started_in_shield_children_cannot_be_killed_by_preemption_signals():
+    with PreemptionGuard() as guard:
+        with shield_children():
+            child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+            _signal_self(signal.SIGUSR2)
+            assert not guard.requested  # held back while children start...
+        time.sleep(0.01)
+        assert guard.requested  # ...and delivered to us afterwards, not lost
+    try:
+        child.send_signal(signal.SIGUSR2)  # what SLURM does to every process of the step
+        with pytest.raises(subprocess.TimeoutExpired):
+            child.wait(timeout=0.5)
+    finally:
+        child.kill()
+        child.wait()
 
 
 # ------------------------------------------------------------------------------- launch profiles
@@ -192,12 +216,17 @@ def job_name(cluster, request):
     """A name for this test's jobs; teardown cancels whatever is still queued under it."""
     name = f"mtpocc-{request.node.name[:40]}-{os.getpid()}".replace("[", "-").replace("]", "")
     yield name
+    for _ in range(30):  # a finished sweep returns while its last job step is still closing: let it end
+        if not _queued(name):
+            return
+        time.sleep(0.5)
     subprocess.run(["scancel", "--name", name], capture_output=True, timeout=30)
 
 
-def _queued(name: str) -> list[str]:
-    p = subprocess.run(["squeue", "-h", "--name", name, "-o", "%i"], capture_output=True, text=True, timeout=30)
-    return p.stdout.split()
+def _queued(name: str) -> dict[str, str]:
+    """Raw job id -> array-form id (`<array>_<task>`) of the jobs queued or running under `name`."""
+    p = subprocess.run(["squeue", "-h", "--name", name, "-o", "%A %i"], capture_output=True, text=True, timeout=30)
+    return dict(line.split() for line in p.stdout.splitlines() if line.strip())
 
 
 def _env() -> dict:
@@ -218,9 +247,9 @@ def _sweep_command(run_root: Path, args: list[str]) -> list[str]:
     return _multirun(run_root, "regime=" + ",".join(REGIMES), *args)
 
 
-def _logs(run_root: Path) -> str:
-    tails = [f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(run_root.glob(".submitit/*/*_log.*"))]
-    return "\n".join(tails) or "(no job logs)"
+def _logs(run_root: Path, tail: int = 3000) -> str:
+    texts = [f"--- {p}\n{p.read_text()[-tail:]}" for p in sorted(run_root.glob(".submitit/*/*_log.*"))]
+    return "\n".join(texts) or "(no job logs)"
 
 
 def _run_dirs(run_root: Path) -> dict[str, Path]:
@@ -276,7 +305,8 @@ def test_job_signalled_mid_run_requeues_and_matches_an_uninterrupted_one(tmp_pat
         while not ((victim / "metrics.jsonl").exists() and len(_metrics(victim)) >= 2):
             assert p.poll() is None and time.time() < deadline, (tmp_path / "submit.log").read_text()[-3000:]
             time.sleep(0.05)
-        job = json.loads((victim / "run.json").read_text())["slurm_job_id"]
+        # the raw id of an array task can be the array's own id, which would signal both jobs
+        job = _queued(job_name)[json.loads((victim / "run.json").read_text())["slurm_job_id"]]
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # as at a time limit
         p.wait(timeout=600)
     finally:
@@ -291,8 +321,10 @@ def test_job_signalled_mid_run_requeues_and_matches_an_uninterrupted_one(tmp_pat
     ref, got = _metrics(tmp_path / "runs" / "ref", True), _metrics(victim, True)
     assert [r["step"] for r in got] == list(range(1, steps + 1))
     assert got == ref
-    job_logs = _logs(tmp_path / "runs")
-    assert "Requeued job" in job_logs and "resumed from" in job_logs, job_logs  # submitit requeued, we resumed
+    ref_run = json.loads((tmp_path / "runs" / "ref" / "run.json").read_text())
+    assert ref_run["status"] == "finished" and "preemptions" not in ref_run  # the signal reached one job only
+    job_logs = _logs(tmp_path / "runs", tail=10**7)
+    assert f"Requeued job {job}" in job_logs and "resumed from" in job_logs, job_logs  # submitit requeued, we resumed
 
 
 @pytest.mark.slurm
@@ -308,5 +340,5 @@ def test_bad_config_fails_before_anything_is_queued(tmp_path, job_name, bad, mes
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert p.returncode != 0 and message in p.stderr, p.stderr[-3000:]
     assert "nothing was submitted" in p.stderr
-    assert not (tmp_path / ".submitit").exists() and _queued(job_name) == []
+    assert not (tmp_path / ".submitit").exists() and not _queued(job_name)
     assert time.time() - t0 < 60

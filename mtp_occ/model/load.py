@@ -196,12 +196,12 @@ def build_policy(model_cfg: ModelConfig, data_cfg, seed: int) -> tuple[MTPModel,
     see `mtp_occ.tasks.pretrain`); without pre-training it is a random-init model with the task tokenizer."""
     import dataclasses
 
-    from mtp_occ.config import DataSource
+    from mtp_occ.config import ConfigError, DataSource
 
     if model_cfg.source is ModelSource.tiny:
         if data_cfg.source is not DataSource.arith:
-            raise ValueError("model.source=tiny has no tokenizer of its own: use it with data=arith, "
-                             "or pick a hub model (e.g. model=smollm2_135m)")
+            raise ConfigError("config key `data.source`: model.source=tiny has no tokenizer of its own: use it "
+                              "with data=arith, or pick a hub model (e.g. model=smollm2_135m)")
         if model_cfg.pretrain.steps > 0:
             from mtp_occ.tasks.pretrain import cached_base
 

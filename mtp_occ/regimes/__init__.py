@@ -87,8 +87,8 @@ def mtp_ce(x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:
     for k in range(x.mtp_logprob_KBT.shape[0]):
         m = x.mtp_ce_mask_KBT[k].to(x.mtp_logprob_KBT.dtype)
         ces.append(-(x.mtp_logprob_KBT[k] * m).sum() / max(x.mtp_tokens_K[k], 1.0))
-    ce = torch.stack(ces).mean()
-    return ce, {"mtp/ce": float(ce.detach())}
+    mean_ce = torch.stack(ces).mean()
+    return mean_ce, {"mtp/ce": float(mean_ce.detach())}
 
 
 def mtp_policy_loss(x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:

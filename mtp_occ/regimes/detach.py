@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 
 from mtp_occ.config import GradPathConfig, RegimeConfig
 from mtp_occ.regimes import MtpTerm, MtpTermInputs, Stateless, mtp_ce, register

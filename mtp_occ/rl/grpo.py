@@ -87,13 +87,15 @@ def _sequence_log_ratio_BT(log_ratio_BT: torch.Tensor, logprob_BT: torch.Tensor,
 def policy_loss(logprob_BT: torch.Tensor, old_logprob_BT: torch.Tensor, adv_B: torch.Tensor,
                 mask_BT: torch.Tensor, clip_low: float = 0.2, clip_high: float = 0.28,
                 dual_clip: float = 10.0, agg: str = "token-mean", level: str = "token",
-                denom: float | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                denom: float | None = None, token_weight_BT: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, dict[str, float]]:
     """Clipped surrogate (PPO/DAPO, or GSPO with `level="sequence"`), returned as a loss to minimise.
 
     Token level: ratio = exp(logprob − old), loss = max(−A·ratio, −A·clip(ratio, 1−clip_low, 1+clip_high)),
     and for A < 0 additionally capped at −A·dual_clip (`dual_clip=0` disables the cap). The per-token loss
     is reduced by `agg` over `mask_BT` (see `aggregate`). Metrics: clipfrac (share of valid tokens where
-    the clipped branch is active), dual_clipfrac, ratio_mean, approx_kl (k3 estimator of KL(old||new))."""
+    the clipped branch is active), dual_clipfrac, ratio_mean, approx_kl (k3 estimator of KL(old||new)).
+    `token_weight_BT` multiplies the per-token loss (e.g. truncated importance weights for vLLM rollouts)."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
     log_ratio_BT = (logprob_BT - old_logprob_BT).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
@@ -109,6 +111,8 @@ def policy_loss(logprob_BT: torch.Tensor, old_logprob_BT: torch.Tensor, adv_B: t
         cap_BT = -adv_BT * dual_clip
         dual_BT = (adv_BT < 0) & (loss_BT > cap_BT)
         loss_BT = torch.where(adv_BT < 0, torch.minimum(loss_BT, cap_BT), loss_BT)
+    if token_weight_BT is not None:
+        loss_BT = loss_BT * token_weight_BT
     loss = aggregate(loss_BT, mask_BT, agg, denom)
     with torch.no_grad():
         m = mask_BT.bool()

@@ -1,1 +1,63 @@
-"""rollout"""
+"""Rollout backends behind one call: `backend.generate(...) -> RolloutBatch`.
+
+`hf` (reference, any device) and `vllm` (GPU; colocated, sleeps during training). `prepare(model)` runs
+before a step's rollouts (vLLM: wake up and sync weights), `release()` after (vLLM: sleep).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from mtp_occ.rollout.hf import RolloutBatch, generate
+
+
+class HFRollout:
+    def __init__(self, model):
+        self.model = model
+
+    def prepare(self, model) -> None:
+        pass
+
+    def release(self) -> None:
+        pass
+
+    def generate(self, tokenizer, prompts: list[str], n: int, **kw) -> RolloutBatch:
+        return generate(self.model.lm, tokenizer, prompts, n, **kw)
+
+
+class VllmBackend:
+    """Adapts `VllmRollout` to the HF backend's call; keeps vLLM's log-probs for the mismatch metric and TIS."""
+
+    def __init__(self, model_path: str, cfg, seed: int):
+        from mtp_occ.rollout.vllm import VllmRollout
+
+        r = cfg.rollout
+        self.cfg = cfg
+        self.engine = VllmRollout(model_path, dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
+                                  max_model_len=r.max_prompt_len + r.max_new_tokens, speculative_mtp=r.speculative_mtp,
+                                  seed=seed, trust_remote_code=cfg.model.trust_remote_code)
+        self.last_logprob_BT: torch.Tensor | None = None
+
+    def prepare(self, model) -> None:
+        self.engine.wake()
+        self.engine.sync_weights(model)
+
+    def release(self) -> None:
+        self.engine.sleep()
+
+    def generate(self, tokenizer, prompts: list[str], n: int, *, temperature, top_p=1.0, top_k=0, max_new_tokens,
+                 max_prompt_len, batch_size=0, seed=0, add_special_tokens=True, row_keys=None, synced_gpus=False):
+        keys = torch.arange(len(prompts) * n) if row_keys is None else row_keys
+        batch, self.last_logprob_BT = self.engine.generate(
+            tokenizer, prompts, n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
+            max_prompt_len=max_prompt_len, row_keys=keys, seed=seed, add_special_tokens=add_special_tokens)
+        batch.rollout_logprob_BT = self.last_logprob_BT
+        return batch
+
+
+def build_rollout(cfg, model, model_path: str | None, seed: int):
+    if cfg.rollout.backend.value == "vllm":
+        if model_path is None:
+            raise ValueError("rollout=vllm needs a model directory to start the engine from (model.name_or_path)")
+        return VllmBackend(model_path, cfg, seed)
+    return HFRollout(model)

@@ -28,6 +28,8 @@ class RolloutBatch:
     prompt_idx_B: torch.Tensor  # which prompt (0..P-1) each row belongs to
     completions: list[str]  # decoded responses (special tokens skipped)
     prompt_truncated: int  # prompts cut to max_prompt_len (counted, logged)
+    token_weight_BT: torch.Tensor | None = None  # per-token loss weights (vLLM truncated IS), else None
+    rollout_logprob_BT: torch.Tensor | None = None  # the sampler's own log-probs (vLLM), prediction-aligned
 
     def __len__(self) -> int:
         return self.input_ids_BT.shape[0]
@@ -37,7 +39,8 @@ class RolloutBatch:
         idx = rows.tolist()
         return RolloutBatch(self.input_ids_BT[rows], self.attention_mask_BT[rows], self.response_mask_BT[rows],
                             self.response_len_B[rows], self.truncated_B[rows], self.prompt_idx_B[rows],
-                            [self.completions[i] for i in idx], self.prompt_truncated)
+                            [self.completions[i] for i in idx], self.prompt_truncated,
+                            *(None if t is None else t[rows] for t in (self.token_weight_BT, self.rollout_logprob_BT)))
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int, add_special_tokens: bool = True
@@ -128,4 +131,8 @@ def concat_batches(batches: list[RolloutBatch], pad_id: int = 0) -> RolloutBatch
         truncated_B=torch.cat([b.truncated_B for b in batches]),
         prompt_idx_B=torch.cat([b.prompt_idx_B for b in batches]),
         completions=[c for b in batches for c in b.completions],
-        prompt_truncated=sum(b.prompt_truncated for b in batches))
+        prompt_truncated=sum(b.prompt_truncated for b in batches),
+        token_weight_BT=None if batches[0].token_weight_BT is None else torch.cat(
+            [pad(b.token_weight_BT, 1) for b in batches]),
+        rollout_logprob_BT=None if batches[0].rollout_logprob_BT is None else torch.cat(
+            [pad(b.rollout_logprob_BT, 0) for b in batches]))
