@@ -2,7 +2,7 @@
 PY        ?= python3
 VENV      ?= .venv
 BIN       := $(VENV)/bin
-RUN_ROOT  ?= runs
+RUN_ROOT  ?=
 LAUNCHER  ?= basic
 EXP       ?=
 OUT       ?= analysis/out
@@ -23,7 +23,7 @@ install: $(BIN)/python
 
 # the embedded default: pre-train the tiny MTP model (cached), RL with regime=occ, evaluate
 run:
-	$(BIN)/python -m mtp_occ.run run_root=$(RUN_ROOT)
+	$(BIN)/python -m mtp_occ.run $(if $(RUN_ROOT),run_root=$(RUN_ROOT)) $(ARGS)
 
 test:
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
@@ -34,13 +34,14 @@ test-fast:
 lint:
 	$(BIN)/ruff check mtp_occ analysis tests experiments
 
-# four regimes from one shared base; LAUNCHER=basic|slurm_local|slurm|slurm_multinode, EXP=<experiment>
+# four regimes from one shared base; LAUNCHER=basic|slurm_local|slurm|slurm_multinode,
+# EXP=<experiment> (its grid comes from the experiment file), ARGS=<more overrides>
 sweep:
-	$(BIN)/python -m mtp_occ.run -m hydra/launcher=$(LAUNCHER) run_root=$(RUN_ROOT) \
-		$(if $(EXP),experiment=$(EXP),regime=detach,ce,policy,occ)
+	$(BIN)/python -m mtp_occ.run -m hydra/launcher=$(LAUNCHER) $(if $(RUN_ROOT),run_root=$(RUN_ROOT)) \
+		$(if $(EXP),experiment=$(EXP),regime=detach,ce,policy,occ) $(ARGS)
 
 bench:
 	$(BIN)/python -m mtp_occ.bench --out bench/results.json
 
 tables:
-	$(BIN)/python -m analysis.tables --run-root $(RUN_ROOT) --out $(OUT)
+	$(BIN)/python -m analysis.tables --run-root $(or $(RUN_ROOT),runs) --out $(OUT)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mtp_occ.config import DataConfig, DataSource
+from mtp_occ.config import DataConfig, DataSource, require
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,7 @@ def build_prompts(cfg: DataConfig, seed: int) -> ArithPrompts | ListPrompts:
         from mtp_occ.eval.benchmarks import load_jsonl
 
         path = Path(cfg.path)
-        if not path.exists():
-            raise FileNotFoundError(f"data.path: {path} does not exist (set data.path or MTP_OCC_DATA)")
+        require(path.is_file(), "data.path", f"{path} is not a file (set data.path, or MTP_OCC_DATA for data=dapo_math_17k)")
         return ListPrompts([Prompt(p.id, p.problem, p.answer) for p in load_jsonl(path)])
     import datasets
 

@@ -95,8 +95,8 @@ class TorchEngine:
 def deepspeed_config(cfg: Config, world: int) -> dict:
     """The DeepSpeed json, derived from our config: one source of truth, no "auto" values."""
     a, z = cfg.algo, cfg.deepspeed
-    per_rank_rows = a.prompts_per_step * a.group_size // a.updates_per_step // world
-    micro = a.micro_batch_size or per_rank_rows
+    per_rank_rows = max(1, a.prompts_per_step * a.group_size // a.updates_per_step // world)
+    micro = min(a.micro_batch_size or per_rank_rows, per_rank_rows)
     gas = max(1, math.ceil(per_rank_rows / micro))
     zero: dict = {"stage": z.stage, "overlap_comm": False, "contiguous_gradients": True}
     if z.offload_optimizer:

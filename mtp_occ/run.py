@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from mtp_occ.config import Config, ConfigError, register_configs, to_config
+from mtp_occ.eval.benchmarks import BenchmarkDataError
 
 log = logging.getLogger("mtp_occ")
 register_configs()
@@ -42,10 +43,73 @@ def describe(cfg: Config) -> str:
         f"updates / step     {a.updates_per_step} of {per_update} sequences "
         f"({per_update // a.group_size} prompts), micro-batch {micro} -> {max(1, per_update // micro)} accumulation steps",
         f"total              {cfg.steps} steps, {cfg.steps * rollouts} rollouts, {cfg.steps * a.updates_per_step} updates",
-        f"deepspeed          {'ZeRO-' + str(cfg.deepspeed.stage) if cfg.deepspeed.enabled else 'off'}",
+        f"deepspeed          {_describe_ds(cfg)}",
         f"eval               {', '.join(cfg.eval.benchmarks)} avg@{cfg.eval.k} (T={cfg.eval.temperature})",
     ]
     return "\n".join(lines)
+
+
+def _one_line(e: BaseException) -> str:
+    """A Hydra / OmegaConf composition error as one line naming the group or key (and the valid choices)."""
+    import dataclasses
+
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
+
+    if isinstance(e, MissingConfigException) and e.options is not None and e.missing_cfg_file:
+        group, _, option = e.missing_cfg_file.rpartition("/")
+        return f"config group `{group}`: unknown option {option!r}; valid: {', '.join(e.options)}"
+    if isinstance(e, OverrideParseException):
+        return f"override {e.override!r}: {str(e).splitlines()[0]}"
+    cause = e if isinstance(e, OmegaConfBaseException) else e.__cause__
+    if isinstance(cause, OmegaConfBaseException) and getattr(cause, "full_key", None):
+        line = f"config key `{cause.full_key}`: {str(cause.msg).splitlines()[0]}"
+        typ = getattr(cause, "object_type", None)
+        if isinstance(cause, (ConfigAttributeError, ConfigKeyError)) and dataclasses.is_dataclass(typ):
+            line += f"; valid keys: {', '.join(f.name for f in dataclasses.fields(typ))}"
+        return line
+    return " ".join(str(e).split())
+
+
+def preflight(argv: list[str]) -> None:
+    """Compose the command line once before Hydra does, so that an unknown group option, unknown key or wrong
+    type is one line naming it, exit code 2 (Hydra itself prints a multi-line report and exits 1). Multirun,
+    --cfg and the other Hydra flags are left to Hydra."""
+    import warnings
+
+    from hydra._internal.utils import get_args_parser
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mtp_occ.config import compose
+
+    args, unknown = get_args_parser().parse_known_args(argv)
+    flags = (args.help, args.hydra_help, args.cfg, args.multirun, args.shell_completion, args.info,
+             args.config_path, args.config_name, args.config_dir, args.experimental_rerun, unknown)
+    if any(flags):
+        return
+    try:
+        with warnings.catch_warnings():  # the real composition below warns once
+            warnings.simplefilter("ignore")
+            compose(args.overrides)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except (HydraException, OmegaConfBaseException) as e:
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _describe_ds(cfg: Config) -> str:
+    if not cfg.deepspeed.enabled:
+        return "off"
+    import json
+
+    from mtp_occ.engine import deepspeed_config
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return f"ZeRO-{cfg.deepspeed.stage}, world {world} (set WORLD_SIZE to preview): " + json.dumps(
+        deepspeed_config(cfg, world))
 
 
 def _fmt_eval(summary: dict | None) -> str:
@@ -67,7 +131,11 @@ def main(dcfg: DictConfig) -> float | None:
         return None
     from mtp_occ.train import train
 
-    out = train(cfg, list(HydraConfig.get().overrides.task))
+    try:
+        out = train(cfg, list(HydraConfig.get().overrides.task))
+    except (ConfigError, BenchmarkDataError) as e:  # settings this machine can't run, bad data: no traceback
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
     k = cfg.eval.k
     print(f"\n== {cfg.name} finished in {out['seconds'] / 60:.1f} min ==")
     print(f"base  avg@{k}: {_fmt_eval(out['base_eval'])}")
@@ -78,4 +146,5 @@ def main(dcfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    preflight(sys.argv[1:])
     main()

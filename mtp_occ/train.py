@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from mtp_occ import checkpoint
-from mtp_occ.config import Config, plain_dict
+from mtp_occ.config import Config, plain_dict, require
 from mtp_occ.data import PromptSampler, build_prompts
 from mtp_occ.dist import DistInfo, init_distributed, max_int, mean_metrics, shutdown
 from mtp_occ.engine import build_engine
@@ -73,14 +73,12 @@ def prepare_run_dir(cfg: Config, overrides: list[str]) -> Path:
 
 def check_environment(cfg: Config) -> None:
     """Fail in milliseconds, before any model is built, on settings this machine cannot run."""
-    if cfg.rollout.backend.value == "vllm":
-        from mtp_occ.rollout.vllm import require_cuda
-
-        require_cuda()
-    if cfg.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device=cuda but CUDA is not available on this machine: use device=cpu or device=auto")
-    if cfg.deepspeed.enabled and cfg.diagnostics.every:
-        raise RuntimeError("diagnostics.every needs deepspeed=none: ZeRO partitions the gradients it measures")
+    cuda = torch.cuda.is_available()
+    require(cuda or cfg.rollout.backend.value != "vllm", "rollout.backend",
+            "vllm needs a CUDA GPU (none visible here); valid on this machine: hf (rollout=hf or rollout=tiny)")
+    require(cuda or cfg.device != "cuda", "device", "cuda, but CUDA is not available on this machine; valid here: cpu, auto")
+    require(not (cfg.deepspeed.enabled and cfg.diagnostics.every), "diagnostics.every",
+            "needs deepspeed=none (ZeRO partitions the gradients it measures); set diagnostics.every=0")
 
 
 def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, step: int, d: DistInfo, backend):
@@ -179,6 +177,7 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     from tqdm.auto import tqdm
 
     check_environment(cfg)
+    prompts = build_prompts(cfg.data, cfg.seed)  # bad data fails here, before a run dir or a model exists
     t_start, d = time.time(), init_distributed(cfg.device)
     run_dir = prepare_run_dir(cfg, overrides) if d.is_main else cfg.run_dir
     if cfg.threads:
@@ -186,7 +185,6 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     torch.manual_seed(cfg.seed)
     model, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.seed)
     model.to(d.device)
-    prompts = build_prompts(cfg.data, cfg.seed)
     sampler = PromptSampler(len(prompts), cfg.seed, cfg.data.shuffle)
     regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)
     engine = build_engine(model, cfg, d.world)

@@ -1,0 +1,44 @@
+"""Every experiment file composes; the paper variants pass a dry run (compose + batch arithmetic +
+the derived DeepSpeed config for the paper's 128 GPUs)."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mtp_occ.config import compose
+from mtp_occ.engine import deepspeed_config
+
+REPO = Path(__file__).resolve().parent.parent
+EXPERIMENTS = sorted(p.stem for p in (REPO / "experiments").glob("*.yaml"))
+
+
+def test_experiment_files_are_linked_into_the_config_tree():
+    assert EXPERIMENTS and all((REPO / "conf" / "experiment" / f"{e}.yaml").exists() for e in EXPERIMENTS)
+
+
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_every_experiment_composes(name):
+    cfg = compose([f"experiment={name}"])
+    assert cfg.run_root.endswith(name)
+    if "e02" in name:
+        assert cfg.regime.name == "policy" and type(cfg.regime).__name__ == "PolicyConfig"
+
+
+@pytest.mark.parametrize("name", ["paper_mimo7b_dapo", "paper_e01", "paper_e02"])
+def test_paper_presets_dry_run_with_the_batch_arithmetic(name):
+    cfg = compose([f"experiment={name}"])
+    a = cfg.algo
+    assert (a.prompts_per_step, a.group_size, a.updates_per_step) == (128, 16, 4)  # 4 updates of 32 prompts
+    assert a.lr == 1e-6 and a.lr_warmup_steps == 10 and a.weight_decay == 0.1 and a.grad_clip == 1.0
+    assert (cfg.rollout.max_prompt_len, cfg.rollout.max_new_tokens, cfg.steps) == (2048, 8192, 200)
+    assert cfg.eval.k == 32 and len(cfg.eval.benchmarks) == 6 and cfg.model.name == "mimo_7b"
+    ds = deepspeed_config(cfg, world=128)
+    per_update = 128 * 16 // 4
+    assert ds["train_batch_size"] == per_update and ds["zero_optimization"]["stage"] == 3
+    p = subprocess.run([sys.executable, "-m", "mtp_occ.run", f"experiment={name}", "dry_run=true"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "128"})
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "128 prompts x 16 = 2048 sequences" in p.stdout and '"train_batch_size": 512' in p.stdout
