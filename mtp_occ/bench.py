@@ -2,7 +2,9 @@
 TRL's `GRPOTrainer`, and how fast rewards and rollouts are. Every figure is a RATIO of two timings taken in
 one run on one machine, so it transfers across machines better than the seconds behind it.
 
-Run it: `python -m mtp_occ.bench --out bench/results.json` (`make bench`; ~5-10 min on 2 CPU cores);
+Run it: `python -m mtp_occ.bench --out bench/results.json` (`make bench`; ~3-5 min on 2 CPU cores, with a
+soft 12 min budget that trims repetitions on a loaded machine; one torch thread by default, see
+bench/README.md for why);
 `--quick` for a smoke run on tiny sizes (the tests), `--with-trl` to include TRL in a quick run.
 
 What it measures (all on the embedded task's tiny model, MTP-pre-trained for `model.pretrain.steps=200`,
@@ -12,8 +14,9 @@ cached under `$MTP_OCC_CACHE`, default `bench/cache.tmp`; one prompt batch, one 
    copy of the base model and optimizer, and (b) a whole step from a fresh copy: rollouts (HF generate)
    + grading + old log-probs + `rl_update`, i.e. the body of `train()` minus logging and checkpoints
    (the rollouts are identical across regimes: same weights, same seeds). The regimes alternate inside
-   every round (detach, ce, policy, occ, diag, detach, ...); a ratio is taken within each round and the
-   median over rounds is reported (`occ_over_detach` = update phase, `occ_over_detach_step` = whole step).
+   every round (detach, ce, policy, occ, diag; the next round rotated by one, so that none always runs
+   first while the load drifts); a ratio is taken within each round and the median over rounds is
+   reported (`occ_over_detach` = update phase, `occ_over_detach_step` = whole step), with its quartiles.
 2. `diag_over_detach`: the exact decomposition c = <g_RL, g_MTP>, v² (one extra backward per micro-batch,
    on every update but the first) against a detach update.
 3. Peer: TRL's `GRPOTrainer` on the same base weights (`model.lm` saved with `save_pretrained`, without the
@@ -27,7 +30,8 @@ cached under `$MTP_OCC_CACHE`, default `bench/cache.tmp`; one prompt batch, one 
 4. Rewards: math-verify verdicts/s, serial (`grade_one` in this process) vs `GradingPool(workers=2)` (what
    `grade(..., workers=2)` uses), on 400 completions built from MATH-500 gold answers (right, wrong,
    no box, garbage in the box); and `pool_recovery_s`: from submitting `\\boxed{9^{9^{9^{9}}}}` with a
-   1 s budget to the next ordinary verdict from the same pool (budget + grace + kill + respawn).
+   1 s budget to the next ordinary verdict from the same pool (the budget when the worker's own timer
+   stops the item, budget + grace + kill + respawn when the parent has to kill the worker).
 5. `rollout_tokens_per_s`: generated tokens / `generate` seconds in the whole steps of (1). With CUDA, a
    GPU section (HF vs vLLM tokens/s, MTP speculative decoding on/off, training tokens/s and MFU); without
    it the section is recorded as skipped.
@@ -62,7 +66,7 @@ HOSTILE = "\\boxed{9^{9^{9^{9}}}}"
 MIN_REPS = 3  # repetitions every section keeps even when it runs past its share of the time budget
 
 FULL = {"overrides": ["model.pretrain.steps=200", "wandb.mode=disabled", "eval.enabled=false"],
-        "rounds": 8, "warmup": 1, "trl_cycles": 8, "reward_items": 400, "reward_reps": 3, "hostile_timeout_s": 1.0,
+        "rounds": 10, "warmup": 1, "trl_cycles": 8, "reward_items": 400, "reward_reps": 3, "hostile_timeout_s": 1.0,
         "budget_min": 12.0}
 QUICK = {"overrides": ["model.pretrain.steps=20", "data.n_terms=2", "data.min_operand=1", "data.max_operand=9",
                        "data.heldout_size=64", "algo.prompts_per_step=4", "algo.group_size=4",
@@ -103,7 +107,8 @@ def machine_info() -> dict:
 
 
 def rollout(cfg, model, tok, prompts, step: int):
-    """`train.collect_rollouts` without dynamic sampling (off in the tiny preset), timed in two parts:
+    """`train.collect_rollouts` with the HF backend (`mtp_occ.rollout.HFRollout` is this `generate`) and
+    without dynamic sampling (off in the tiny preset), timed in two parts:
     prompts [(step-1)·P, step·P) of the (unshuffled, unbounded) arith stream, graded, rewards shaped."""
     from mtp_occ.eval.templates import format_prompt
     from mtp_occ.rewards import grade
@@ -147,7 +152,8 @@ def full_step(cfg, model, tok, engine, regime, prompts, step: int, diagnose: boo
 
     t0 = perf_counter()
     batch, reward_B, times = rollout(cfg, model, tok, prompts, step)
-    adv_B = group_advantages(reward_B, cfg.algo.group_size, cfg.algo.norm_std, cfg.algo.adv_eps)
+    adv_B = group_advantages(reward_B, cfg.algo.group_size, cfg.algo.norm_std, cfg.algo.adv_eps).to(
+        batch.input_ids_BT.device)
     t1 = perf_counter()
     old_BT = old_logprobs(model, batch, cfg.algo.micro_batch_size, cfg.rollout.temperature)
     t2 = perf_counter()
@@ -174,6 +180,22 @@ def round_ratios(times: dict[str, list[float]], ref: str = "detach") -> dict[str
     return {k: median([t / r for t, r in zip(v, times[ref], strict=True)]) for k, v in times.items() if k != ref}
 
 
+def ratio_spread(times: dict[str, list[float]], ref: str = "detach") -> dict[str, list[float]]:
+    """[lower, upper] quartile over rounds of the within-round ratios: the noise behind each median."""
+    out = {}
+    for k, v in times.items():
+        r = sorted(t / x for t, x in zip(v, times[ref], strict=True))
+        if k != ref and r:
+            out[k] = [r[len(r) // 4], r[(3 * len(r)) // 4]] if len(r) >= 4 else [r[0], r[-1]]
+    return out
+
+
+def rotated(variants: tuple, rnd: int) -> tuple:
+    """Round `rnd`'s order: the variants rotated by `rnd`, so none always runs first (load drifts)."""
+    k = rnd % len(variants)
+    return variants[k:] + variants[:k]
+
+
 def bench_regimes(cfgs: dict, base, tok, prompts, rounds: int, warmup: int, stop_at: float) -> dict:
     """Interleaved rounds of update-phase and whole-step timings for every variant (see module doc);
     no new round starts after `stop_at` (perf_counter) once `MIN_REPS` rounds are done."""
@@ -188,13 +210,13 @@ def bench_regimes(cfgs: dict, base, tok, prompts, rounds: int, warmup: int, stop
     step = {label: [] for label, _, _ in VARIANTS}
     phases = {label: [] for label, _, _ in VARIANTS}
     for rnd in range(-warmup, rounds):
-        for label, name, diag in VARIANTS:
+        for label, name, diag in rotated(VARIANTS, rnd):
             model, opt, regime = fresh(cfgs[name], base)
             t = perf_counter()
             update(cfgs[name], model, opt, regime, batch, old_BT, adv_B, 1, diag)
             if rnd >= 0:
                 upd[label].append(perf_counter() - t)
-        for label, name, diag in VARIANTS:
+        for label, name, diag in rotated(VARIANTS, rnd):
             model, opt, regime = fresh(cfgs[name], base)
             ph = full_step(cfgs[name], model, tok, opt, regime, prompts, 1, diag)
             if rnd >= 0:
@@ -208,7 +230,8 @@ def bench_regimes(cfgs: dict, base, tok, prompts, rounds: int, warmup: int, stop
             break
     return {"rounds_done": len(upd["detach"]), "update_s": upd, "step_s": step, "phases": phases, "batch_rows": len(batch),
             "batch_tokens": int(batch.response_len_B.sum()), "update_ratio": round_ratios(upd),
-            "step_ratio": round_ratios(step)}
+            "step_ratio": round_ratios(step), "update_ratio_quartiles": ratio_spread(upd),
+            "step_ratio_quartiles": ratio_spread(step)}
 
 
 # ------------------------------------------------------------------------------------------------ 3 peer
@@ -344,6 +367,7 @@ def bench_rewards(n: int, reps: int, hostile_timeout_s: float, stop_at: float) -
         t0 = perf_counter()
         hostile = pool2.grade([HOSTILE], ["1"], "math_verify", "boxed", hostile_timeout_s)[0]
         t1 = perf_counter()
+        replaced = pids != [w.process.pid for w in pool2._workers]
         after = pool2.grade([comps[0]], [golds[0]], "math_verify", "boxed", 2.0)[0]
         t2 = perf_counter()
     return {"items": n, "source": source, "right_frac": sum(v.score for v in serial) / n, "serial_pool_agree": agree,
@@ -352,7 +376,7 @@ def bench_rewards(n: int, reps: int, hostile_timeout_s: float, stop_at: float) -
             "pool_speedup": median([s / p for s, p in zip(t["serial"], t["pool2"], strict=True)]),
             "pool1_speedup": median([s / p for s, p in zip(t["serial"], t["pool1"], strict=True)]),
             "hostile_timeout_s": hostile_timeout_s, "hostile_timed_out": hostile.timeout,
-            "hostile_call_s": t1 - t0, "hostile_worker_replaced": pids != [w.process.pid for w in pool2._workers],
+            "hostile_call_s": t1 - t0, "hostile_worker_replaced": replaced,
             "hostile_error": hostile.error, "after_score": after.score, "recovery_s": t2 - t0}
 
 
@@ -369,7 +393,7 @@ def bench_gpu(overrides: list[str]) -> dict:
     from mtp_occ.model.load import build_policy
 
     cfg = compose([*overrides, "regime=detach"])
-    base, tok, _ = build_policy(cfg.model, cfg.data, cfg.seed)
+    base, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.seed)
     base = base.cuda()
     prompts = build_prompts(cfg.data, cfg.seed)
     out: dict = {"device": torch.cuda.get_device_name(0), "overrides": overrides}
@@ -377,7 +401,7 @@ def bench_gpu(overrides: list[str]) -> dict:
     hf = [rollout(cfg, base, tok, prompts, 1)[2] for _ in range(3)]
     out["hf_tokens_per_s"] = median([h["tokens"] / h["generate_s"] for h in hf])
     out.update(gpu_training(cfg, overrides, base, tok, prompts))
-    out["vllm"] = gpu_vllm(cfg, base, tok, prompts, out["hf_tokens_per_s"])
+    out["vllm"] = gpu_vllm(cfg, str(base_dir or cfg.model.name_or_path), base, tok, prompts, out["hf_tokens_per_s"])
     return out
 
 
@@ -407,41 +431,42 @@ def gpu_training(cfg, overrides, base, tok, prompts) -> dict:
     return res
 
 
-def gpu_vllm(cfg, base, tok, prompts, hf_tps: float) -> dict:
-    """vLLM tokens/s on the same base (imported here only: GPU machines only), speculative MTP when the
-    model has a vLLM MTP drafter (MiMo / DeepSeek-style checkpoints, not the tiny Llama)."""
+def gpu_vllm(cfg, path: str, base, tok, prompts, hf_tps: float) -> dict:
+    """Generated tokens/s of the project's vLLM backend (`mtp_occ.rollout.vllm`, which imports vllm
+    lazily: GPU machines only) without and with MTP speculative decoding, plus one weight sync. The
+    speculative run needs a model vLLM has an MTP drafter for (MiMo-layout checkpoints); otherwise its
+    error is recorded."""
     try:
-        from vllm import LLM, SamplingParams  # lazy on purpose: GPU machines only
+        import vllm  # noqa: F401  (only to tell "not installed" apart from a failing run)
+
+        from mtp_occ.rollout.vllm import VllmRollout
     except ImportError as e:
         return {"skipped": f"vllm not importable ({e}); pip install -e '.[gpu]'"}
-    G, P = cfg.algo.group_size, cfg.algo.prompts_per_step
+    a, r, P = cfg.algo, cfg.rollout, cfg.algo.prompts_per_step
     texts = [prompts[i].problem for i in range(P)]
-    params = SamplingParams(n=G, temperature=cfg.rollout.temperature, max_tokens=cfg.rollout.max_new_tokens)
+    keys = torch.arange(P * a.group_size)
     res: dict = {}
-    with tempfile.TemporaryDirectory(prefix="mtp_occ_bench_vllm_") as d:
-        path = d if cfg.model.source.value == "tiny" else cfg.model.name_or_path
-        if path == d:
-            base.lm.save_pretrained(d)
-            tok.save_pretrained(d)
-        specs = {"plain": None}
-        if cfg.model.source.value == "mimo":
-            specs["mtp_spec"] = {"method": "mtp", "num_speculative_tokens": 1}
-        else:
-            res["mtp_spec"] = {"skipped": f"model.source={cfg.model.source.value} has no vLLM MTP drafter "
-                                          "(needs a MiMo-format checkpoint, e.g. --gpu-overrides model=mimo_7b)"}
-        for label, spec in specs.items():
-            try:
-                llm = LLM(model=path, speculative_config=spec, seed=cfg.seed,
-                          gpu_memory_utilization=cfg.rollout.gpu_memory_utilization)
-                llm.generate(texts, params)  # warm-up
+    for label, spec in (("plain", False), ("mtp_spec", True)):
+        try:
+            engine = VllmRollout(path, dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
+                                 max_model_len=r.max_prompt_len + r.max_new_tokens, speculative_mtp=spec,
+                                 seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
+            t0 = perf_counter()
+            engine.sync_weights(base)
+            sync_s = perf_counter() - t0
+            runs = []
+            for rep in range(4):  # the first is warm-up
                 t0 = perf_counter()
-                outs = llm.generate(texts, params)
-                dt = perf_counter() - t0
-                tokens = sum(len(c.token_ids) for o in outs for c in o.outputs)
-                res[label] = {"tokens_per_s": tokens / dt, "over_hf": tokens / dt / hf_tps}
-                del llm
-            except Exception as e:  # report, never fake a number
-                res[label] = {"error": f"{type(e).__name__}: {e}"[:400]}
+                batch, _ = engine.generate(tok, texts, a.group_size, temperature=r.temperature, top_p=r.top_p,
+                                           top_k=r.top_k, max_new_tokens=r.max_new_tokens,
+                                           max_prompt_len=r.max_prompt_len, row_keys=keys, seed=cfg.seed + rep,
+                                           add_special_tokens=cfg.data.template == "plain")
+                runs.append(int(batch.response_len_B.sum()) / (perf_counter() - t0))
+            res[label] = {"tokens_per_s": median(runs[1:]), "over_hf": median(runs[1:]) / hf_tps, "sync_s": sync_s}
+            del engine
+            torch.cuda.empty_cache()
+        except Exception as e:  # report, never fake a number
+            res[label] = {"error": f"{type(e).__name__}: {e}"[:400]}
     return res
 
 
@@ -491,7 +516,7 @@ def assemble(reg: dict, trl: dict, rew: dict, gpu: dict, machine: dict, override
     res.update({"reward_pool_speedup": rew["pool_speedup"], "reward_pool1_speedup": rew["pool1_speedup"],
                 "serial_verdicts_per_s": rew["serial_verdicts_per_s"],
                 "pool_verdicts_per_s": rew["pool2_verdicts_per_s"], "pool_recovery_s": rew["recovery_s"]})
-    res["machine"] = {**machine, "loadavg_end": list(os.getloadavg())}
+    res["machine"] = {**machine, "loadavg_end": list(os.getloadavg()), "threads_end": torch.get_num_threads()}
     res["configs"] = {"overrides": overrides, "regime_overrides": {r: [*overrides, f"regime={r}"] for r in REGIMES},
                       "diag": "regime=occ with rl_update(..., diagnose=True)",
                       "trl_grpo_config": trl.get("config"), "rounds": reg["rounds_done"], "warmup_rounds": args.warmup,
@@ -501,32 +526,48 @@ def assemble(reg: dict, trl: dict, rew: dict, gpu: dict, machine: dict, override
                       "trl_note": "TRL trains the plain LM (no MTP layer); our occ step also trains the MTP layer"}
     res["gpu"] = gpu
     res["details"] = {"regimes": {k: reg[k] for k in ("update_s", "step_s", "batch_rows", "batch_tokens",
-                                                      "update_ratio", "step_ratio")},
+                                                      "update_ratio", "step_ratio", "update_ratio_quartiles",
+                                                      "step_ratio_quartiles")},
                       "phases_detach_median_s": phases, "trl": {k: v for k, v in trl.items() if k != "config"},
                       "rewards": rew}
     return res
 
 
 def fmt(v) -> str:
-    return "n/a" if v is None else f"{v:.3g}" if isinstance(v, float) else str(v)
+    if not isinstance(v, float):
+        return "n/a" if v is None else str(v)
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.3f}"
 
 
 def table_rows(res: dict) -> list[tuple[str, str, str]]:
-    return [(k, fmt(res[k]), EXPLAIN[k]) for k in EXPLAIN if k in res]
+    """(key, value, meaning); a regime ratio's value carries its quartiles over rounds: 1.005 (0.98–1.03)."""
+    reg = res["details"]["regimes"]
+    quart = {f"{k}_over_detach{sfx}": q for sfx, qs in (("", reg["update_ratio_quartiles"]),
+                                                        ("_step", reg["step_ratio_quartiles"])) for k, q in qs.items()}
+    return [(k, fmt(res[k]) + (f" ({quart[k][0]:.2f}–{quart[k][1]:.2f})" if k in quart else ""), EXPLAIN[k])
+            for k in EXPLAIN if k in res]
 
 
 def write_markdown(res: dict, path: Path) -> None:
-    m, ph = res["machine"], res["details"]["phases_detach_median_s"]
+    m, c, ph = res["machine"], res["configs"], res["details"]["phases_detach_median_s"]
     lines = ["# mtp_occ benchmark", "",
-             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']} ({m['threads']} threads), "
+             f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, torch threads={m['threads']}, "
              f"load average {m['loadavg_start'][0]:.2f} → {m['loadavg_end'][0]:.2f}. "
-             "Every ratio is the median over interleaved rounds of one run (`python -m mtp_occ.bench`).", "",
+             f"Every ratio is the median of within-round ratios over interleaved rounds of one run "
+             f"(`python -m mtp_occ.bench`): {c['rounds']} regime rounds after {c['warmup_rounds']} warm-up, "
+             f"{c['trl_cycles_measured'] or 0} TRL cycles, {c['reward_reps']} reward repetitions; the order "
+             "of the regimes rotates from round to round. In brackets: the quartiles of the per-round ratios "
+             "(the noise).", "",
              "| figure | value | meaning |", "|---|---|---|",
              *(f"| `{k}` | {v} | {e} |" for k, v, e in table_rows(res))]
     if res.get("trl_error"):
         lines.append(f"| `trl_error` | | {res['trl_error']} |")
-    lines += ["", "Where a detach step's time goes (median s): " +
-              ", ".join(f"{k.removesuffix('_s')} {v:.3f}" for k, v in ph.items()) + ".", "",
+    rew = res["details"]["rewards"]
+    lines += ["", "Where a detach step's time goes (median s, share of the step): " +
+              ", ".join(f"{k.removesuffix('_s')} {v:.3f} ({v / ph['step_s']:.0%})" for k, v in ph.items()
+                        if k != "step_s") + f"; step {ph['step_s']:.3f}.", "",
+              f"Hostile item: timed out {rew['hostile_timed_out']}, worker killed and replaced "
+              f"{rew['hostile_worker_replaced']}, budget {rew['hostile_timeout_s']} s.", "",
               f"GPU: {json.dumps(res['gpu'])[:300]}", "",
               "Overrides: `" + " ".join(res["configs"]["overrides"]) + "`. TRL trains the plain LM without "
               "the MTP layer; its GRPOConfig is in results.json (`configs.trl_grpo_config`).", ""]
@@ -536,7 +577,7 @@ def write_markdown(res: dict, path: Path) -> None:
 def print_table(res: dict) -> None:
     rows = table_rows(res)
     w = max(len(k) for k, _, _ in rows)
-    print("\n" + "\n".join(f"{k:<{w}}  {v:>8}  {e}" for k, v, e in rows))
+    print("\n" + "\n".join(f"{k:<{w}}  {v:>20}  {e}" for k, v, e in rows))
     if res.get("trl_error"):
         print(f"{'trl_error':<{w}}  {res['trl_error']}")
 
@@ -556,7 +597,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--reward-reps", type=int)
     p.add_argument("--budget-min", type=float, help="soft time budget in minutes: sections stop repeating (keeping "
                    f"at least {MIN_REPS} repetitions) past their share of it; 0 = none (default: 12, --quick: 0)")
-    p.add_argument("--threads", type=int, default=0, help="torch threads; 0 = torch's default")
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1: stable on a shared "
+                   "machine, see bench/README.md); 0 = torch's default")
     p.add_argument("--override", action="append", default=[], help="extra config override (repeatable)")
     p.add_argument("--gpu-override", action="append", default=[], help="extra override for the GPU section")
     args = p.parse_args(argv)

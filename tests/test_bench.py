@@ -84,8 +84,15 @@ def test_trl_reward_grades_like_the_exact_grader():
 
 
 def test_round_ratios_are_medians_of_within_round_ratios():
-    r = bench.round_ratios({"detach": [1.0, 2.0, 4.0], "occ": [1.0, 3.0, 4.0]})
-    assert r == {"occ": 1.0}
+    times = {"detach": [1.0, 2.0, 4.0], "occ": [1.0, 3.0, 4.0]}
+    assert bench.round_ratios(times) == {"occ": 1.0}
+    assert bench.ratio_spread(times) == {"occ": [1.0, 1.5]}
+
+
+def test_rounds_rotate_the_order():
+    orders = [[v[0] for v in bench.rotated(bench.VARIANTS, r)] for r in range(len(bench.VARIANTS))]
+    assert {o[0] for o in orders} == {v[0] for v in bench.VARIANTS}
+    assert all(sorted(o) == sorted(orders[0]) for o in orders)
 
 
 def test_reward_items_mix_right_wrong_and_unparseable(data_dir):
