@@ -73,8 +73,11 @@ def save(ckpt_root: Path, step: int, state: dict[str, Any], keep: int = 2, *, is
     tmp = ckpt_root / f"{name}.tmp-save"
     if is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_root.glob("*.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in ckpt_root.glob("*.tmp-*"):  # torn saves: dirs, and `.latest.tmp-<pid>` files
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         tmp.mkdir()
         with open(tmp / "state.pt", "wb") as f:
             torch.save({**state, "step": step, "rng": rng_state()}, f)

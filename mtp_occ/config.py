@@ -223,7 +223,7 @@ class AlgoConfig:
     weight_decay: float = 0.0
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: float = 1.0  # max global grad norm; 0 disables
-    max_bad_steps: int = 3  # consecutive non-finite updates before the run stops
+    max_bad_steps: int = 3  # consecutive steps with every update skipped (non-finite) before the run stops
 
     def __post_init__(self) -> None:
         require(self.group_size >= 2, "algo.group_size",
@@ -242,6 +242,8 @@ class AlgoConfig:
         require(len(self.betas) == 2, "algo.betas", "must hold two numbers")
         require(self.overlong_buffer >= 0, "algo.overlong_buffer", "must be >= 0")
         require(self.grad_clip >= 0, "algo.grad_clip", "must be >= 0 (0 disables)")
+        require(self.max_bad_steps >= 1, "algo.max_bad_steps",
+                f"must be >= 1 (0 would stop every run at step 1), got {self.max_bad_steps}")
 
 
 @dataclass
