@@ -48,7 +48,12 @@ def pick_device(pref: str, local_rank: int) -> torch.device:
 
 def init_distributed(device_pref: str = "auto") -> DistInfo:
     """Join the process group when launched with WORLD_SIZE > 1 (torchrun sets RANK, WORLD_SIZE,
-    LOCAL_RANK, MASTER_ADDR, MASTER_PORT); a single process needs nothing."""
+    LOCAL_RANK, MASTER_ADDR, MASTER_PORT; SLURM tasks get them from SLURM's variables); a single process
+    needs nothing."""
+    if "WORLD_SIZE" not in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        from mtp_occ.preempt import dist_env_from_slurm
+
+        os.environ.update(dist_env_from_slurm(os.environ))
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = pick_device(device_pref, local_rank)

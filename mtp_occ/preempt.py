@@ -230,8 +230,9 @@ def shield_children(signals: Sequence[signal.Signals] = (signal.SIGUSR1, signal.
 
     SLURM signals every process of a job step, not just the task: a grading pool's workers, its forkserver
     and multiprocessing's resource tracker keep the default action for SIGUSR1/SIGUSR2, which is to die.
-    The signals are *blocked* here, and a blocked mask survives fork and exec, so children never see them;
-    this process gets any that arrived in the block when it ends (none is lost, unlike with SIG_IGN).
+    The signals are *blocked* in this thread while the children start, and a blocked mask survives fork
+    and exec, so the children never see them. This process still does (unlike with SIG_IGN, nothing is
+    lost): another thread takes a signal at once, or this one when the block ends.
     """
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
     try:
@@ -275,15 +276,18 @@ def sweep_jobs(config_loader: Any, config: Any) -> list[list[str]]:
 
 
 def check_jobs(config_loader: Any, sweep_config: Any, job_overrides: Sequence[Sequence[str]]) -> list[str]:
-    """Convert each job's config as `mtp_occ.run` will in the job; return one line per problem."""
+    """Convert each job's config as `mtp_occ.run` will in the job; return one line per distinct problem
+    (a problem shared by several jobs names the first and counts the rest)."""
     import copy
 
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import open_dict, read_write
 
     from mtp_occ.config import to_config
+    from mtp_occ.run import _one_line as one_line  # the CLI's one-line wording of composition errors
 
-    problems, run_dirs = [], {}
+    problems: dict[str, list[str]] = {}  # message -> the jobs it applies to
+    run_dirs: dict[Path, int] = {}
     saved = HydraConfig.instance().cfg
     try:
         for idx, overrides in enumerate(job_overrides):
@@ -296,13 +300,16 @@ def check_jobs(config_loader: Any, sweep_config: Any, job_overrides: Sequence[Se
                     del task_cfg["hydra"]
                 run_dir = to_config(task_cfg).run_dir
             except Exception as e:  # noqa: BLE001 - ConfigError, OmegaConf and Hydra errors: all are reported
-                problems.append(f"{label}: {str(e).strip().splitlines()[0]}")
+                problems.setdefault(one_line(e), []).append(label)
                 continue
             if run_dir in run_dirs:
-                problems.append(f"{label}: same run dir {run_dir} as job #{run_dirs[run_dir]}; keys excluded from "
-                                f"run names (hydra.job.config.override_dirname.exclude_keys) do not tell jobs "
-                                f"apart: set name=... per job or sweep a key that names runs")
+                problems.setdefault(
+                    f"same run dir {run_dir} as job #{run_dirs[run_dir]}; keys excluded from run names "
+                    f"(mtp_occ.config.NAME_EXCLUDE) do not tell jobs apart: set name=... per job or sweep a key "
+                    f"that names runs", []).append(label)
             run_dirs.setdefault(run_dir, idx)
     finally:
         HydraConfig.instance().cfg = saved
-    return problems
+    more = {1: "", 2: " (and 1 more job)"}
+    return [f"{jobs[0]}: {message}{more.get(len(jobs), f' (and {len(jobs) - 1} more jobs)')}"
+            for message, jobs in problems.items()]

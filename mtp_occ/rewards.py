@@ -386,7 +386,10 @@ class GradingPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=_worker_main, args=(child_conn, self._memory_limit),
                                     name="mtp_occ-grader", daemon=True)
-        process.start()
+        from mtp_occ.preempt import shield_children
+
+        with shield_children():  # SLURM signals every process of the step: USR2 would kill the workers
+            process.start()
         child_conn.close()
         return _Worker(process, parent_conn, started=time.monotonic())
 

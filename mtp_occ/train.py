@@ -35,7 +35,7 @@ from mtp_occ.eval.runner import flat_metrics
 from mtp_occ.eval.templates import format_prompt
 from mtp_occ.log import RunLogger, update_run_json
 from mtp_occ.model.load import build_policy
-from mtp_occ.preempt import Preempted, PreemptionGuard
+from mtp_occ.preempt import Preempted, PreemptionGuard, slurm_job_id
 from mtp_occ.regimes import build_regime
 from mtp_occ.rl.grpo import dynamic_sampling_keep_G, group_advantages, overlong_penalty
 from mtp_occ.rollout import build_rollout
@@ -66,7 +66,7 @@ def prepare_run_dir(cfg: Config, overrides: list[str]) -> Path:
     prev = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
     update_run_json(run_dir, name=cfg.name, host=socket.gethostname(), git_commit=commit,
                     start_time=prev.get("start_time") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), end_time=None,
-                    world_size=int(os.environ.get("WORLD_SIZE", 1)), slurm_job_id=os.environ.get("SLURM_JOB_ID"),
+                    world_size=int(os.environ.get("WORLD_SIZE", 1)), slurm_job_id=slurm_job_id(),
                     status="running")
     return run_dir
 

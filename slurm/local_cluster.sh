@@ -128,14 +128,17 @@ StorageLoc=slurm_acct_db
 EOF
 }
 
-# Write $2 to $1 unless a foreign file is there (a real cluster's conf must survive this script).
-write_owned() {
-  local path=$1 text=$2
-  if [ -e "$path" ] && ! head -n 1 "$path" | grep -qF "$MARK"; then
-    die "$path exists and was not written by this script; move it away to run the local cluster"
+# A real cluster's conf must survive this script: refuse to touch a file it did not write.
+require_owned() {
+  if [ -e "$1" ] && ! head -n 1 "$1" | grep -qF "$MARK"; then
+    die "$1 exists and was not written by this script; move it away to run the local cluster"
   fi
-  mkdir -p "$(dirname "$path")"
-  printf '%s\n' "$text" > "$path"
+}
+
+write_owned() {
+  require_owned "$1"
+  mkdir -p "$(dirname "$1")"
+  printf '%s\n' "$2" > "$1"
 }
 
 # ------------------------------------------------------------------------------------------ daemons
@@ -194,6 +197,8 @@ wait_for() {
 }
 
 start() {
+  require_owned "$CONF"
+  [ "$ACCOUNTING" = 1 ] && require_owned "$DBD_CONF"
   install_packages
   local want
   want=$(slurm_conf)

@@ -11,7 +11,7 @@ from mtp_occ.schedules import build_schedule
 
 def _inputs(coef_scale=1.0, same_as_old=False):
     torch.manual_seed(0)
-    B, T, K = 4, 6, 1
+    B, T = 4, 6
     old = torch.randn(B, T) * 0.1 - 1.0
     logp = (old.clone() if same_as_old else old + 0.05 * torch.randn(B, T)).requires_grad_(True)
     mtp = (old + 0.1 * torch.randn(B, T)).unsqueeze(0).requires_grad_(True)

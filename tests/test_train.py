@@ -78,7 +78,10 @@ def test_joint_regime_shared_weights_do_depend_on_the_mtp_loss(tmp_path):
 
 def _cli(args, run_root, **kw):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    return subprocess.Popen([sys.executable, "-m", "mtp_occ.run", *args, *TINY, f"run_root={run_root}"], cwd=REPO,
+    flags = [a for a in args if a.startswith("-")]  # Hydra's flags first, overrides after TINY (later wins)
+    overrides = [a for a in args if not a.startswith("-")]
+    return subprocess.Popen([sys.executable, "-m", "mtp_occ.run", *flags, *TINY, f"run_root={run_root}", *overrides],
+                            cwd=REPO,
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kw)
 
 
