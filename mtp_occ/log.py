@@ -194,15 +194,7 @@ class RunLogger:
     def log_eval(self, summary: dict[str, Any], step: int, samples_path: Path | str | None = None) -> None:
         """Log an evaluation (`eval/summary.json`'s schema) as flat `eval/<bench>/<stat>` metrics, and
         up to TABLE_MAX_ROWS samples (the first sample of each problem) as the wandb table `eval/samples`."""
-        if self._file is None:
-            return
-        flat = flatten_eval(summary)
-        self._append(flat, step)
-        if self._wandb_run is not None and samples_path is not None and Path(samples_path).exists():
-            table = _samples_table(Path(samples_path))
-            if table is not None:
-                flat = {**flat, "eval/samples": table}
-        self._wandb_log(flat, step)
+        self.log(flatten_eval(summary), step, samples_path)
 
     def finish(self, status: str = "finished") -> None:
         """Close metrics.jsonl and the wandb run (exit code 0 only for status "finished"). Idempotent."""

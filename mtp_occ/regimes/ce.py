@@ -21,7 +21,7 @@ class CeConfig(RegimeConfig):
 
 
 class CeRegime(Stateless):
-    def __init__(self, cfg: CeConfig):
+    def __init__(self, cfg: RegimeConfig):  # also serves `detach` (same loss, other grad path)
         self.cfg, self.grad_path = cfg, cfg.grad_path
 
     def mtp_term(self, x: MtpTermInputs) -> MtpTerm:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
 from mtp_occ.config import GradPathConfig, RegimeConfig
-from mtp_occ.regimes import MtpTerm, MtpTermInputs, Stateless, mtp_ce, register
+from mtp_occ.regimes import register
+from mtp_occ.regimes.ce import CeRegime
 
 
 @dataclass
@@ -20,18 +20,8 @@ class DetachConfig(RegimeConfig):
     grad_path: GradPathConfig = field(
         default_factory=lambda: GradPathConfig(embedding=False, backbone=False, lm_head=False))
 
-    def build(self) -> DetachRegime:
-        return DetachRegime(self)
-
-
-class DetachRegime(Stateless):
-    def __init__(self, cfg: DetachConfig):
-        self.cfg, self.grad_path = cfg, cfg.grad_path
-
-    def mtp_term(self, x: MtpTermInputs) -> MtpTerm:
-        ce, metrics = mtp_ce(x)
-        lam = self.cfg.lam * x.coef_scale
-        return MtpTerm(ce, lam, {**metrics, "mtp/lambda": lam})
+    def build(self) -> CeRegime:
+        return CeRegime(self)  # the same loss as `ce`; only the gradient path differs
 
 
 register(DetachConfig())
