@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import random
 import shutil
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch

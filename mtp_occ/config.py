@@ -471,10 +471,9 @@ def run_name_from_overrides() -> str:
 def register_configs() -> None:
     """Store the schema and every registered regime in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
+    from omegaconf import OmegaConf
 
     from mtp_occ.regimes import REGIME_CONFIGS
-
-    from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name_from_overrides, use_cache=False)

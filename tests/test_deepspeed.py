@@ -8,10 +8,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_train import TINY
 
 from mtp_occ.config import compose
 from mtp_occ.engine import deepspeed_config
-from test_train import TINY
 
 REPO = Path(__file__).resolve().parent.parent
 FAST = [*TINY, "eval.enabled=false", "regime=occ"]

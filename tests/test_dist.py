@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_train import TINY
 
 REPO = Path(__file__).resolve().parent.parent

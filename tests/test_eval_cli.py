@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_train import _run
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,8 +5,13 @@ import math
 import pytest
 import torch
 
-from mtp_occ.rl.grpo import (dynamic_sampling_keep_G, group_advantages, loss_denominator, overlong_penalty,
-                             policy_loss)
+from mtp_occ.rl.grpo import (
+    dynamic_sampling_keep_G,
+    group_advantages,
+    loss_denominator,
+    overlong_penalty,
+    policy_loss,
+)
 
 
 def test_group_advantages_unbiased_std_and_dr_grpo():

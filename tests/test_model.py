@@ -125,8 +125,8 @@ def _write_mimo_checkpoint(tmp_path):
     from safetensors.torch import save_file
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from mtp_occ.model.load import attach_mtp
     from mtp_occ.config import MtpInit
+    from mtp_occ.model.load import attach_mtp
 
     cfg = Qwen2Config(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)

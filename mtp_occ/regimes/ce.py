@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-
 from mtp_occ.config import RegimeConfig
 from mtp_occ.regimes import MtpTerm, MtpTermInputs, Stateless, mtp_ce, register
 

@@ -28,8 +28,8 @@ def base_dir():
 
 def test_vllm_logprobs_match_the_trainer(base_dir):
     pytest.importorskip("vllm")
-    from mtp_occ.model.load import load_pretrained, load_tokenizer
     from mtp_occ.config import ModelConfig, ModelSource
+    from mtp_occ.model.load import load_pretrained, load_tokenizer
     from mtp_occ.model.mtp import aligned_masks
     from mtp_occ.rollout.vllm import VllmRollout, logprob_mismatch
 
