@@ -35,15 +35,15 @@ def test_loads_with_a_fresh_mtp_layer_and_runs_the_forward(smollm2):
     ids, attn = enc["input_ids"], enc["attention_mask"]
     resp = torch.zeros_like(ids)
     resp[:, -12:] = 1
-    out = model(ids, attn, resp, grad_path=GradPathConfig(embedding=False, backbone=True, lm_head=False))
+    out = model(ids, attn, resp, grad_path=GradPathConfig(embedding=False, backbone=False, lm_head=False))
     assert torch.isfinite(out.logprob_BT).all() and torch.isfinite(out.mtp_logprob_KBT).all()
     # pretrained weights really loaded: far better than a uniform guess over 49152 tokens (-10.8 nats)
     uniform = -torch.log(torch.tensor(float(model.lm.config.vocab_size)))
     assert out.logprob_BT[out.loss_mask_BT].mean() > uniform / 2
     model.zero_grad()
-    out.mtp_ce_K.sum().backward()
-    assert model.lm.lm_head.weight.grad is None or model.lm.lm_head.weight.grad.abs().sum() == 0
-    assert model.lm.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    out.mtp_ce_K.sum().backward()  # detached (SmolLM2 ties its embedding and head: one tensor, two paths)
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.lm.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.mtp.parameters())
 
 
 @pytest.mark.slow
