@@ -280,7 +280,7 @@ def test_sweep_on_slurm_writes_four_complete_run_dirs(tmp_path, job_name):
     for regime, d in runs.items():
         run = json.loads((d / "run.json").read_text())
         assert run["status"] == "finished", (regime, run)
-        assert str(run["slurm_job_id"]).isdigit(), (regime, run)  # it ran under SLURM, not in this process
+        assert re.fullmatch(r"\d+(_\d+)?", str(run["slurm_job_id"])), (regime, run)  # ran under SLURM
         job_ids.add(run["slurm_job_id"])
         assert (d / "eval" / "summary.json").exists() and (d / "checkpoints" / "latest").exists()
         assert [r["step"] for r in _metrics(d)] == [1, 2]
@@ -305,7 +305,8 @@ def test_job_signalled_mid_run_requeues_and_matches_an_uninterrupted_one(tmp_pat
             assert p.poll() is None and time.time() < deadline, (tmp_path / "submit.log").read_text()[-3000:]
             time.sleep(0.05)
         # the raw id of an array task can be the array's own id, which would signal both jobs
-        job = _queued(job_name)[json.loads((victim / "run.json").read_text())["slurm_job_id"]]
+        recorded = json.loads((victim / "run.json").read_text())["slurm_job_id"]  # `<array>_<task>` form
+        job = recorded if "_" in recorded else _queued(job_name)[recorded]
         subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # as at a time limit
         p.wait(timeout=600)
     finally:
