@@ -393,9 +393,9 @@ def bench_gpu(overrides: list[str]) -> dict:
     from mtp_occ.model.load import build_policy
 
     cfg = compose([*overrides, "regime=detach"])
-    base, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.seed)
+    base, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)
     base = base.cuda()
-    prompts = build_prompts(cfg.data, cfg.seed)
+    prompts = build_prompts(cfg.data, cfg.data.seed)
     out: dict = {"device": torch.cuda.get_device_name(0), "overrides": overrides}
     rollout(cfg, base, tok, prompts, 1)  # warm-up
     hf = [rollout(cfg, base, tok, prompts, 1)[2] for _ in range(3)]

@@ -96,6 +96,7 @@ class PretrainConfig:
     lr: float = 3e-3  # peak; cosine decay to 10% after `warmup_steps`
     warmup_steps: int = 50
     mtp_weight: float = 0.3  # total loss = CE_main + mtp_weight * mean_k CE_mtp_k
+    seed: int = 0  # the base's init and data order; fixed across RL seeds so every run starts from one base
     cache_dir: str = ""  # "" = $MTP_OCC_CACHE or ~/.cache/mtp_occ
 
     def __post_init__(self) -> None:
@@ -304,6 +305,8 @@ class DataConfig:
     min_operand: int = 10
     max_operand: int = 99
     heldout_size: int = 1000  # held-out problems for evaluation (disjoint from training prompts)
+    seed: int = 0  # the task's problems (held-out set, training stream); fixed across RL seeds, so runs of
+    # different seeds are evaluated on the same problems and paired tests apply
 
     def __post_init__(self) -> None:
         if self.source is DataSource.jsonl:

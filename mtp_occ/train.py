@@ -177,13 +177,13 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     from tqdm.auto import tqdm
 
     check_environment(cfg)
-    prompts = build_prompts(cfg.data, cfg.seed)  # bad data fails here, before a run dir or a model exists
+    prompts = build_prompts(cfg.data, cfg.data.seed)  # bad data fails here, before a run dir or a model exists
     t_start, d = time.time(), init_distributed(cfg.device)
     run_dir = prepare_run_dir(cfg, overrides) if d.is_main else cfg.run_dir
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    model, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.seed)
+    model, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)  # one base for all RL seeds
     model.to(d.device)
     sampler = PromptSampler(len(prompts), cfg.seed, cfg.data.shuffle)
     regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)

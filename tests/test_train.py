@@ -130,3 +130,14 @@ def test_four_regime_multirun_writes_four_complete_run_dirs(tmp_path):
         assert (d / "eval" / "samples.jsonl").exists() and (d / "checkpoints" / "latest").exists()
         rows = _metrics(d)
         assert [r["step"] for r in rows] == [1, 2] and REQUIRED <= set(rows[-1])
+
+
+def test_rl_seeds_share_one_base_and_one_heldout_set():
+    from mtp_occ.eval.policy import build_benchmarks
+    from mtp_occ.tasks.pretrain import base_key
+
+    a, b = compose([*TINY, "seed=0"]), compose([*TINY, "seed=1"])
+    assert base_key(a.model, a.data, a.model.pretrain.seed) == base_key(b.model, b.data, b.model.pretrain.seed)
+    assert build_benchmarks(a)[0].problems == build_benchmarks(b)[0].problems
+    c = compose([*TINY, "model.pretrain.seed=1"])
+    assert base_key(c.model, c.data, c.model.pretrain.seed) != base_key(a.model, a.data, a.model.pretrain.seed)

@@ -27,7 +27,7 @@ def _load(target: Path, overrides: list[str]):
     if (target / "overrides.txt").exists():
         saved = [line for line in (target / "overrides.txt").read_text().splitlines() if line]
         cfg = compose([*saved, f"name={target.name}", f"run_root={target.parent}", *overrides])
-        model, tok, _ = build_policy(cfg.model, cfg.data, cfg.seed)
+        model, tok, _ = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)
         last = checkpoint.latest(target / "checkpoints")
         if last is None:
             raise FileNotFoundError(f"{target} has no complete checkpoint to evaluate")
@@ -35,7 +35,7 @@ def _load(target: Path, overrides: list[str]):
         return cfg, model, tok, target / "eval" / f"{last.name}{'-' + '_'.join(overrides) if overrides else ''}"
     if (target / "config.json").exists():
         cfg = compose(["model.source=hf", f"model.name_or_path={target}", f"model.name={target.name}", *overrides])
-        model, tok, _ = build_policy(cfg.model, cfg.data, cfg.seed)
+        model, tok, _ = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)
         return cfg, model, tok, target / "eval"
     raise FileNotFoundError(f"{target} is neither a run dir (overrides.txt) nor a model dir (config.json)")
 

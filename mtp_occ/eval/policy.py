@@ -21,7 +21,7 @@ def build_benchmarks(cfg: Config) -> list[Benchmark]:
             from mtp_occ.tasks.arith import ArithTask
 
             d = cfg.data
-            task = ArithTask(d.n_terms, d.min_operand, d.max_operand, d.heldout_size, cfg.seed)
+            task = ArithTask(d.n_terms, d.min_operand, d.max_operand, d.heldout_size, d.seed)
             probs = [Problem(p.id, p.prompt, p.answer, "arith") for p in task.heldout]
             out.append(Benchmark("arith", probs[: cfg.eval.limit] if cfg.eval.limit else probs))
         else:

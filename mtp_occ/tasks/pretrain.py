@@ -30,7 +30,7 @@ FORMAT_VERSION = 1
 
 def base_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
     spec = {"v": FORMAT_VERSION, "model": plain_dict(model_cfg), "seed": seed,
-            "task": {k: getattr(data_cfg, k) for k in ("n_terms", "min_operand", "max_operand", "heldout_size")}}
+            "task": {k: getattr(data_cfg, k) for k in ("n_terms", "min_operand", "max_operand", "heldout_size", "seed")}}
     spec["model"]["pretrain"].pop("cache_dir", None)
     spec["model"].pop("name", None)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
@@ -54,13 +54,15 @@ def _batch(task: ArithTask, tok, start: int, size: int) -> tuple[torch.Tensor, t
 
 
 def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, out_dir: Path) -> dict:
-    """Train a tiny MTP model from scratch on the task and save it to `out_dir`; returns stats."""
+    """Train a tiny MTP model from scratch (init from `seed`) on the task (problems from `data_cfg.seed`)
+    and save it to `out_dir`; returns stats."""
     from tqdm.auto import tqdm
 
     from mtp_occ.model.load import build_tiny, save_model
 
     pc = model_cfg.pretrain
-    task = ArithTask(data_cfg.n_terms, data_cfg.min_operand, data_cfg.max_operand, data_cfg.heldout_size, seed)
+    task = ArithTask(data_cfg.n_terms, data_cfg.min_operand, data_cfg.max_operand, data_cfg.heldout_size,
+                     data_cfg.seed)
     tok = build_tokenizer()
     model = build_tiny(model_cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=0.0)
