@@ -155,9 +155,13 @@ def correct_rollout_mismatch(batch: RolloutBatch, old_BT: torch.Tensor, tis_cap:
 
 
 def evaluate_base(cfg: Config, model, tok, run_dir: Path, base_dir: Path | None) -> dict:
-    """The starting policy's evaluation, shared through the base cache when every setting matches."""
+    """The starting policy's evaluation (call it before loading a checkpoint): the run's own copy when it
+    has one (a resumed run), else the base cache's when every eval setting matches, else computed."""
     import hashlib
 
+    own = run_dir / "eval" / "base" / "summary.json"
+    if own.exists():
+        return json.loads(own.read_text())
     key = hashlib.sha256(json.dumps(plain_dict(cfg.eval), sort_keys=True).encode()).hexdigest()[:12]
     cached = base_dir / f"eval_{key}" / "summary.json" if base_dir else None
     if cached is not None and cached.exists():
@@ -185,6 +189,8 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     torch.manual_seed(cfg.seed)
     model, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)  # one base for all RL seeds
     model.to(d.device)
+    # the starting policy's score, before any checkpoint is loaded into the model (cached per base)
+    base_eval = evaluate_base(cfg, model, tok, run_dir, base_dir) if cfg.eval.enabled and d.is_main else None
     sampler = PromptSampler(len(prompts), cfg.seed, cfg.data.shuffle)
     regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)
     engine = build_engine(model, cfg, d.world)
@@ -200,7 +206,6 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     logger = RunLogger(run_dir, config=plain_dict(cfg), name=cfg.name, mode=wb.mode.value, project=wb.project,
                        entity=wb.entity, group=wb.group or Path(cfg.run_root).resolve().name, tags=wb.tags,
                        resume_step=start if last is not None else None, rank=d.rank)
-    base_eval = evaluate_base(cfg, model, tok, run_dir, base_dir) if cfg.eval.enabled and d.is_main else None
     bad_streak, summary, metrics = 0, None, {}
     bar = tqdm(range(start + 1, cfg.steps + 1), desc=f"RL {cfg.regime.name}", unit="step", initial=start,
                total=cfg.steps, mininterval=2.0, disable=not d.is_main)

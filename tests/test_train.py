@@ -141,3 +141,16 @@ def test_rl_seeds_share_one_base_and_one_heldout_set():
     assert build_benchmarks(a)[0].problems == build_benchmarks(b)[0].problems
     c = compose([*TINY, "model.pretrain.seed=1"])
     assert base_key(c.model, c.data, c.model.pretrain.seed) != base_key(a.model, a.data, a.model.pretrain.seed)
+
+
+def test_a_resumed_run_reports_the_base_score_not_its_checkpoint(tmp_path):
+    cfg = compose([*TINY, f"run_root={tmp_path}", "name=r", "regime=occ"])
+    first = train(cfg, TINY)
+    cfg3 = compose([*TINY, f"run_root={tmp_path}", "name=r", "regime=occ", "steps=3"])
+    import shutil
+
+    (Path(first["run_dir"]) / "eval" / "base" / "summary.json").unlink()  # force a re-evaluation on resume
+    for cached in Path(os.environ["MTP_OCC_CACHE"]).glob("bases/*/eval_*"):
+        shutil.rmtree(cached)
+    again = train(cfg3, TINY)
+    assert again["base_eval"]["benchmarks"] == first["base_eval"]["benchmarks"]
