@@ -136,7 +136,7 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
     if cfg.data.source.value == "arith":
         from mtp_occ.tasks.arith import step_accuracy
 
-        m["arith/step_acc"] = sum(step_accuracy("", c) for c in batch.completions) / len(batch)
+        m["arith/step_acc"] = sum(step_accuracy(c) for c in batch.completions) / len(batch)
     return (batch, reward_B), m
 
 

@@ -26,7 +26,7 @@ class HFRollout:
 
 
 class VllmBackend:
-    """Adapts `VllmRollout` to the HF backend's call; keeps vLLM's log-probs for the mismatch metric and TIS."""
+    """Adapts `VllmRollout` to the HF backend's call; vLLM's log-probs travel on the batch."""
 
     def __init__(self, model_path: str, cfg, seed: int):
         from mtp_occ.rollout.vllm import VllmRollout
@@ -36,7 +36,6 @@ class VllmBackend:
         self.engine = VllmRollout(model_path, dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
                                   max_model_len=r.max_prompt_len + r.max_new_tokens, speculative_mtp=r.speculative_mtp,
                                   seed=seed, trust_remote_code=cfg.model.trust_remote_code)
-        self.last_logprob_BT: torch.Tensor | None = None
 
     def prepare(self, model) -> None:
         self.engine.wake()
@@ -48,10 +47,10 @@ class VllmBackend:
     def generate(self, tokenizer, prompts: list[str], n: int, *, temperature, top_p=1.0, top_k=0, max_new_tokens,
                  max_prompt_len, batch_size=0, seed=0, add_special_tokens=True, row_keys=None, synced_gpus=False):
         keys = torch.arange(len(prompts) * n) if row_keys is None else row_keys
-        batch, self.last_logprob_BT = self.engine.generate(
+        batch, vllm_logprob_BT = self.engine.generate(
             tokenizer, prompts, n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
             max_prompt_len=max_prompt_len, row_keys=keys, seed=seed, add_special_tokens=add_special_tokens)
-        batch.rollout_logprob_BT = self.last_logprob_BT
+        batch.rollout_logprob_BT = vllm_logprob_BT  # kept for the mismatch metric and truncated IS
         return batch
 
 

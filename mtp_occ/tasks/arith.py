@@ -69,7 +69,7 @@ class ArithTask:
         raise RuntimeError("operand range too small: the training stream cannot avoid the held-out set")
 
 
-def step_accuracy(prompt: str, completion: str) -> float:
+def step_accuracy(completion: str) -> float:
     """Fraction of the worked steps `a±b=c` in `completion` that are arithmetically right (1.0 if none)."""
     steps = re.findall(r"(-?\d+)([+-])(\d+)=(-?\d+)", completion)
     if not steps:
