@@ -448,9 +448,9 @@ def gpu_vllm(cfg, path: str, base, tok, prompts, hf_tps: float) -> dict:
     res: dict = {}
     for label, spec in (("plain", False), ("mtp_spec", True)):
         try:
-            engine = VllmRollout(path, dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
-                                 max_model_len=r.max_prompt_len + r.max_new_tokens, speculative_mtp=spec,
-                                 seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
+            engine = VllmRollout.start(path, dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
+                                       max_model_len=r.max_prompt_len + r.max_new_tokens, speculative_mtp=spec,
+                                       seed=cfg.seed, trust_remote_code=cfg.model.trust_remote_code)
             t0 = perf_counter()
             engine.sync_weights(base)
             sync_s = perf_counter() - t0
@@ -462,7 +462,8 @@ def gpu_vllm(cfg, path: str, base, tok, prompts, hf_tps: float) -> dict:
                                            max_prompt_len=r.max_prompt_len, row_keys=keys, seed=cfg.seed + rep,
                                            add_special_tokens=cfg.data.template == "plain")
                 runs.append(int(batch.response_len_B.sum()) / (perf_counter() - t0))
-            res[label] = {"tokens_per_s": median(runs[1:]), "over_hf": median(runs[1:]) / hf_tps, "sync_s": sync_s}
+            res[label] = {"tokens_per_s": median(runs[1:]), "over_hf": median(runs[1:]) / hf_tps, "sync_s": sync_s,
+                          **engine.metrics()}
             del engine
             torch.cuda.empty_cache()
         except Exception as e:  # report, never fake a number

@@ -430,6 +430,12 @@ class Config:
             warnings.warn(f"regime={self.regime.name} with algo.updates_per_step=1: logp == logp_old at the only update, "
                           "so δ_RL = 0 and λ is identically 0. Use several mini-batch updates per step.",
                           stacklevel=2)
+        if self.rollout.speculative_mtp:
+            require(self.rollout.backend is RolloutBackend.vllm, "rollout.speculative_mtp",
+                    "needs rollout=vllm (the HF backend has no drafter); or set rollout.speculative_mtp=false")
+            require(self.model.source is ModelSource.mimo, "rollout.speculative_mtp",
+                    f"vLLM's MTP drafter reads MiMo-layout checkpoints, model.source is {self.model.source.value}; "
+                    "use model=mimo_7b or set rollout.speculative_mtp=false")
         if self.eval.enabled and "arith" in self.eval.benchmarks:
             require(self.data.source is DataSource.arith, "eval.benchmarks",
                     "'arith' is the embedded task's held-out set; it needs data=arith")

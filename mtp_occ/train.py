@@ -118,6 +118,7 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
         if kept >= a.prompts_per_step // d.world:
             break
     backend.release()
+    engine_metrics = backend.metrics()
     if kept == 0:
         return None, {"groups/kept_frac": 0.0}
     batch = concat_batches(batches)
@@ -126,7 +127,7 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
          "reward/acc": score_B.mean().item(), "groups/kept_frac": kept / tried if tried else 0.0,
          "response/len_mean": batch.response_len_B.float().mean().item(),
          "response/truncated_frac": batch.truncated_B.float().mean().item(),
-         "rollout/prompt_truncated": float(batch.prompt_truncated), **reward_metrics(verdicts)}
+         "rollout/prompt_truncated": float(batch.prompt_truncated), **reward_metrics(verdicts), **engine_metrics}
     if cfg.reward.compare_with:
         from mtp_occ.rewards import disagreement
 

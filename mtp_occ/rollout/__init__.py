@@ -1,7 +1,8 @@
 """Rollout backends behind one call: `backend.generate(...) -> RolloutBatch`.
 
 `hf` (reference, any device) and `vllm` (GPU; colocated, sleeps during training). `prepare(model)` runs
-before a step's rollouts (vLLM: wake up and sync weights), `release()` after (vLLM: sleep).
+before a step's rollouts (vLLM: wake up and sync weights), `release()` after (vLLM: sleep), `metrics()`
+returns the engine's own per-step metrics (vLLM: speculative-decoding acceptance).
 """
 
 from __future__ import annotations
@@ -21,21 +22,28 @@ class HFRollout:
     def release(self) -> None:
         pass
 
+    def metrics(self) -> dict[str, float]:
+        return {}
+
     def generate(self, tokenizer, prompts: list[str], n: int, **kw) -> RolloutBatch:
         return generate(self.model.lm, tokenizer, prompts, n, **kw)
 
 
 class VllmBackend:
-    """Adapts `VllmRollout` to the HF backend's call; vLLM's log-probs travel on the batch."""
+    """Adapts a started `VllmRollout` to the HF backend's call; vLLM's log-probs travel on the batch."""
 
-    def __init__(self, model_path: str, cfg, seed: int):
+    def __init__(self, engine):
+        self.engine = engine
+
+    @classmethod
+    def start(cls, model_path: str, cfg, seed: int) -> VllmBackend:
         from mtp_occ.rollout.vllm import VllmRollout
 
         r = cfg.rollout
-        self.cfg = cfg
-        self.engine = VllmRollout(model_path, dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
-                                  max_model_len=r.max_prompt_len + r.max_new_tokens, speculative_mtp=r.speculative_mtp,
-                                  seed=seed, trust_remote_code=cfg.model.trust_remote_code)
+        return cls(VllmRollout.start(model_path, dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
+                                     max_model_len=r.max_prompt_len + r.max_new_tokens,
+                                     speculative_mtp=r.speculative_mtp, seed=seed,
+                                     trust_remote_code=cfg.model.trust_remote_code))
 
     def prepare(self, model) -> None:
         self.engine.wake()
@@ -43,6 +51,9 @@ class VllmBackend:
 
     def release(self) -> None:
         self.engine.sleep()
+
+    def metrics(self) -> dict[str, float]:
+        return self.engine.metrics()
 
     def generate(self, tokenizer, prompts: list[str], n: int, *, temperature, top_p=1.0, top_k=0, max_new_tokens,
                  max_prompt_len, batch_size=0, seed=0, add_special_tokens=True, row_keys=None, synced_gpus=False):
@@ -58,5 +69,5 @@ def build_rollout(cfg, model, model_path: str | None, seed: int):
     if cfg.rollout.backend.value == "vllm":
         if model_path is None:
             raise ValueError("rollout=vllm needs a model directory to start the engine from (model.name_or_path)")
-        return VllmBackend(model_path, cfg, seed)
+        return VllmBackend.start(model_path, cfg, seed)
     return HFRollout(model)

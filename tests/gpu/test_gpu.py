@@ -35,19 +35,21 @@ def test_vllm_logprobs_match_the_trainer(base_dir):
 
     tok = load_tokenizer(str(base_dir))
     model = load_pretrained(ModelConfig(name="t", source=ModelSource.hf, name_or_path=str(base_dir))).cuda().eval()
-    engine = VllmRollout(str(base_dir), dtype="float32", gpu_memory_utilization=0.2, max_model_len=64,
-                         speculative_mtp=False, seed=0)
+    engine = VllmRollout.start(str(base_dir), dtype="float32", gpu_memory_utilization=0.2, max_model_len=64,
+                               speculative_mtp=False, seed=0)
     engine.sync_weights(model)
     prompts = [f"{a}+{b}=" for a in range(1, 5) for b in range(1, 5)]
-    batch, vllm_BT = engine.generate(tok, prompts, 2, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=16,
-                                     max_prompt_len=16, row_keys=torch.arange(32), seed=0)
-    with torch.no_grad():
-        out = model(batch.input_ids_BT.cuda(), batch.attention_mask_BT.cuda(), batch.response_mask_BT.cuda(),
-                    with_mtp=False)
-    loss_BT = aligned_masks(batch.attention_mask_BT, batch.response_mask_BT, 1)[0]
-    gap = logprob_mismatch(out.logprob_BT.cpu(), vllm_BT, loss_BT)
-    print(f"vLLM vs trainer mean |Δ logp| = {gap:.2e}")
-    assert gap < 1e-2
+    for temperature in (1.0, 0.7):  # processed log-probs: the engine's include the temperature, as the trainer's
+        engine.sleep(), engine.wake(), engine.sync_weights(model)  # the per-step cycle
+        batch, vllm_BT = engine.generate(tok, prompts, 2, temperature=temperature, top_p=1.0, top_k=0,
+                                         max_new_tokens=16, max_prompt_len=16, row_keys=torch.arange(32), seed=0)
+        with torch.no_grad():
+            out = model(batch.input_ids_BT.cuda(), batch.attention_mask_BT.cuda(), batch.response_mask_BT.cuda(),
+                        temperature=temperature, with_mtp=False)
+        loss_BT = aligned_masks(batch.attention_mask_BT, batch.response_mask_BT, 1)[0]
+        gap = logprob_mismatch(out.logprob_BT.cpu(), vllm_BT, loss_BT)
+        print(f"T={temperature}: vLLM vs trainer mean |Δ logp| = {gap:.2e}")
+        assert gap < 1e-2, temperature
 
 
 def test_one_zero3_step_on_gpu(tmp_path):
