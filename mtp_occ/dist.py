@@ -92,6 +92,24 @@ def max_int(value: int) -> int:
     return int(all_reduce_(torch.tensor([value], dtype=torch.long), "max").item())
 
 
+def gather_lists(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on every rank (picklable items)."""
+    if not _active():
+        return items
+    parts: list[list] = [[] for _ in range(dist.get_world_size())]
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+def broadcast_object(obj):
+    """Rank 0's `obj` on every rank."""
+    if not _active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def all_reduce_grads_(params: list[torch.nn.Parameter]) -> None:
     """Sum gradients over ranks in one flat buffer (losses are already normalised globally)."""
     if not _active():

@@ -28,7 +28,7 @@ import torch
 from mtp_occ import checkpoint
 from mtp_occ.config import Config, plain_dict, require
 from mtp_occ.data import PromptSampler, build_prompts
-from mtp_occ.dist import DistInfo, init_distributed, max_int, mean_metrics, shutdown
+from mtp_occ.dist import DistInfo, broadcast_object, init_distributed, max_int, mean_metrics, shutdown
 from mtp_occ.engine import build_engine
 from mtp_occ.eval.policy import evaluate_policy
 from mtp_occ.eval.runner import flat_metrics
@@ -155,23 +155,26 @@ def correct_rollout_mismatch(batch: RolloutBatch, old_BT: torch.Tensor, tis_cap:
     return {"rollout/logprob_mismatch": logprob_mismatch(old_BT, rollout_BT, loss_BT)}
 
 
-def evaluate_base(cfg: Config, model, tok, run_dir: Path, base_dir: Path | None) -> dict:
+def evaluate_base(cfg: Config, model, tok, run_dir: Path, base_dir: Path | None, d: DistInfo, backend) -> dict:
     """The starting policy's evaluation (call it before loading a checkpoint): the run's own copy when it
-    has one (a resumed run), else the base cache's when every eval setting matches, else computed."""
+    has one (a resumed run), else the base cache's when every eval setting matches, else computed (by
+    every rank together; rank 0 gets the summary, the others {})."""
     import hashlib
 
     own = run_dir / "eval" / "base" / "summary.json"
-    if own.exists():
-        return json.loads(own.read_text())
-    key = hashlib.sha256(json.dumps(plain_dict(cfg.eval), sort_keys=True).encode()).hexdigest()[:12]
+    spec = plain_dict(cfg.eval) | ({"bf16": True} if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else {})
+    key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     cached = base_dir / f"eval_{key}" / "summary.json" if base_dir else None
-    if cached is not None and cached.exists():
-        summary = json.loads(cached.read_text())
-        (run_dir / "eval" / "base").mkdir(parents=True, exist_ok=True)
-        (run_dir / "eval" / "base" / "summary.json").write_text(json.dumps(summary, indent=1))
-        return summary
-    summary = evaluate_policy(cfg, model, tok, run_dir / "eval" / "base", step=None)
-    if cached is not None:
+    found = None
+    if d.is_main:
+        found = next((json.loads(f.read_text()) for f in (own, cached) if f is not None and f.exists()), None)
+    if broadcast_object(found is not None):
+        if d.is_main and not own.exists():
+            own.parent.mkdir(parents=True, exist_ok=True)
+            own.write_text(json.dumps(found, indent=1))
+        return found or {}
+    summary = evaluate_policy(cfg, model, tok, run_dir / "eval" / "base", None, d, backend)
+    if cached is not None and d.is_main:
         cached.parent.mkdir(exist_ok=True)
         cached.write_text(json.dumps(summary, indent=1))
     return summary
@@ -190,12 +193,12 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     torch.manual_seed(cfg.seed)
     model, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)  # one base for all RL seeds
     model.to(d.device)
-    # the starting policy's score, before any checkpoint is loaded into the model (cached per base)
-    base_eval = evaluate_base(cfg, model, tok, run_dir, base_dir) if cfg.eval.enabled and d.is_main else None
     sampler = PromptSampler(len(prompts), cfg.seed, cfg.data.shuffle)
     regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)
     engine = build_engine(model, cfg, d.world)
     backend = build_rollout(cfg, model, str(base_dir) if base_dir else cfg.model.name_or_path or None, cfg.seed)
+    # the starting policy's score, before any checkpoint is loaded into the model (cached per base)
+    base_eval = evaluate_base(cfg, model, tok, run_dir, base_dir, d, backend) if cfg.eval.enabled else None
     ckpt_root, start, faults = run_dir / "checkpoints", 0, 0
     if (last := checkpoint.latest(ckpt_root)) is not None:
         st = checkpoint.load(last)
@@ -238,9 +241,11 @@ def train(cfg: Config, overrides: list[str]) -> dict:
                                         "time/rollout_s": t1 - t0, "time/old_logprob_s": t2 - t1,
                                         "time/update_s": t3 - t2, "time/step_s": t3 - t0})
                 samples = None
-                if d.is_main and cfg.eval.enabled and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    summary, samples = evaluate_policy(cfg, model, tok, run_dir / "eval", step), run_dir / "eval" / "samples.jsonl"
-                    metrics.update(flat_metrics(summary))
+                if cfg.eval.enabled and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
+                    summary = evaluate_policy(cfg, model, tok, run_dir / "eval", step, d, backend)  # every rank
+                    if d.is_main:
+                        metrics.update(flat_metrics(summary))
+                        samples = run_dir / "eval" / "samples.jsonl"
                 logger.log(metrics, step, samples_path=samples)
                 stop = max_int(guard.requested)  # one signalled rank stops every rank after this step
                 if stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):

@@ -35,3 +35,29 @@ def test_two_processes_match_one(tmp_path, regime):
         for k in EXACT + CLOSE:
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+
+def _run_eval(root: Path, nproc: int, *extra) -> Path:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
+                str(29400 + os.getpid() % 100)] if nproc > 1 else [sys.executable]
+    p = subprocess.run([*launcher, "-m", "mtp_occ.run", *TINY, "steps=1", "regime=occ", f"run_root={root}", "name=ev",
+                        *extra], cwd=REPO, capture_output=True, text=True, timeout=900,
+                       env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"})
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    return root / "ev" / "eval"
+
+
+@pytest.mark.slow
+def test_evaluation_under_zero3_with_two_processes_matches_one(tmp_path):
+    """Every rank generates its block of the eval prompts (ZeRO-3's forward needs all ranks), rank 0 grades:
+    the base and final evaluations equal a single process's, sample for sample."""
+    one = _run_eval(tmp_path / "one", 1)
+    # another bootstrap size: the base-eval cache key differs, so the two ranks really compute it
+    two = _run_eval(tmp_path / "two", 2, "deepspeed=zero3", "eval.n_boot=51")
+    for sub in ("base", "."):
+        a = [json.loads(line) for line in (one / sub / "samples.jsonl").read_text().splitlines()]
+        b = [json.loads(line) for line in (two / sub / "samples.jsonl").read_text().splitlines()]
+        assert len(a) == len(b) == 16 * 2
+        assert [(r["id"], r["sample"], r["completion"]) for r in a] == [(r["id"], r["sample"], r["completion"]) for r in b]
+        sa, sb = (json.loads((d / sub / "summary.json").read_text()) for d in (one, two))
+        assert sb["average"]["avg"] == pytest.approx(sa["average"]["avg"]), sub

@@ -81,9 +81,11 @@ def _records(benchmarks: Sequence[Benchmark], prompts: list[str], completions: l
 def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[Benchmark], *, k: int, template: str, tokenizer,
              temperature: float, top_p: float, max_new_tokens: int, grader: str, timeout_s: float,
              out_dir: str | os.PathLike, step: int | None = None, seed: int = 0, n_boot: int = 1000,
-             limit: int | None = None) -> dict:
+             limit: int | None = None, is_main: bool = True) -> dict:
     """Sample, grade, score and save (see the module docstring); returns the summary dict.
-    `limit` keeps the first N problems of each benchmark (and is recorded); `seed` seeds the bootstrap."""
+    `limit` keeps the first N problems of each benchmark (and is recorded); `seed` seeds the bootstrap.
+    With several ranks every rank calls this (generation may be collective); only `is_main` grades,
+    saves and gets the summary, the others return {}."""
     from mtp_occ.rewards import grade  # the grading pool only when an eval actually runs
 
     if k < 1 or not benchmarks:
@@ -92,7 +94,10 @@ def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[Benchmark], *, k: int
     get_template(template)  # fail on a typo before generating anything
     benchmarks = [Benchmark(b.name, b.problems[:limit] if limit else b.problems) for b in benchmarks]
     prompts = [format_prompt(p.problem, template, tokenizer) for b in benchmarks for p in b.problems]
-    records = _records(benchmarks, prompts, _generate(generate_fn, prompts, k))
+    completions = _generate(generate_fn, prompts, k)
+    if not is_main:
+        return {}
+    records = _records(benchmarks, prompts, completions)
     verdicts = grade([r["completion"] for r in records], [r["answer"] for r in records], grader=grader,
                      timeout_s=timeout_s)
     for record, verdict in zip(records, verdicts, strict=True):
