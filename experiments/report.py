@@ -1,92 +1,199 @@
 """Write an experiment's report from its run dirs: the tables and figures `make tables` produces, the
-paired per-problem test of every regime against detach (same seed, same held-out problems), the base
-model's score, λ statistics and the wall time. Nothing in the report is typed by hand.
+paired per-problem test of every run against a reference regime (same seed, same held-out problems),
+the base model's score, λ statistics and the wall time. Nothing in the report is typed by hand.
 
     python experiments/report.py runs/e01_regimes experiments/out/e01      # -> experiments/out/e01/report.md
+    python experiments/report.py runs/e02_fixed_lambda experiments/out/e02 --reference runs/e01_regimes:occ --against occ
+
+`--reference ROOT:REGIME[,REGIME]` adds the runs of those regimes from another sweep (only the seeds the
+experiment itself has), e.g. e02's OCC rows, which come from e01 (same seeds, same base).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
-import re
-import subprocess
-import sys
 from collections import defaultdict
 from pathlib import Path
 
+import pandas as pd
+
+from analysis.figures import write_figures
+from analysis.runs import CONFIG_KEYS, eval_frame, find_run_dirs, load_run_dirs, run_info
+from analysis.tables import write_tables
 from mtp_occ.eval.compare import compare_runs
 
 
-def _runs(root: Path) -> dict[tuple[str, int], Path]:
+def _label(info: dict, varies: bool) -> str:
+    """A run's row name: its regime, plus λ / λ₊ and schedule when the regime was run in several configurations."""
+    if not varies:
+        return info["regime"]
+    coef = f"λ₊={info['lambda_plus']:g}" if info["regime"].startswith("occ") else f"λ={info['lam']:g}"
+    return f"{info['regime']} {coef} ({info['coef_schedule']})"
+
+
+def collect(root: Path, reference: list[tuple[Path, set[str]]]) -> dict[tuple[str, int], tuple[Path, dict]]:
+    """{(row label, seed): (run dir, run_info)} for the experiment's runs and the reference runs."""
+    runs = [(d, run_info(d)) for d in find_run_dirs(root)]
+    seeds = {info["seed"] for _, info in runs}
+    for ref_root, regimes in reference:
+        runs += [(d, info) for d in find_run_dirs(ref_root)
+                 if (info := run_info(d))["regime"] in regimes and info["seed"] in seeds]
+    unfinished = [d for d, info in runs if info["status"] != "finished"]
+    for d in unfinished:
+        print(f"leaving out {d}: not finished (run.json status)")
+    runs = [(d, info) for d, info in runs if info["status"] == "finished"]
+    configs = defaultdict(set)
+    for _, info in runs:
+        configs[info["regime"]].add(tuple(info[k] for k in CONFIG_KEYS))
     out = {}
-    for d in sorted(p.parent for p in root.glob("*/run.json")):
-        cfg = (d / "config.yaml").read_text()
-        regime = re.search(r"^regime:\n(?:  .*\n)*?  name: (\S+)", cfg, re.M).group(1)
-        seed = int(re.search(r"^seed: (\d+)", cfg, re.M).group(1))
-        out[(regime, seed)] = d
+    for d, info in runs:
+        key = (_label(info, len(configs[info["regime"]]) > 1), info["seed"])
+        if key in out:
+            raise SystemExit(f"two runs for {key}: {out[key][0]} and {d}; pass fewer roots")
+        out[key] = (d, info)
     return out
 
 
-def _diagnostics(runs: dict[tuple[str, int], Path]) -> list[str]:
+def _frames(root: Path, reference: list[tuple[Path, set[str]]], runs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    keep = {info["run"] for _, info in runs.values()}
+    metrics = [load_run_dirs(root)] + [load_run_dirs(r) for r, _ in reference]
+    evals = [eval_frame(root)] + [eval_frame(r) for r, _ in reference]
+    metrics, evals = pd.concat(metrics, ignore_index=True), pd.concat(evals, ignore_index=True)
+    return metrics[metrics["run"].isin(keep)], evals[evals["run"].isin(keep)]
+
+
+def paired(runs, against: str) -> list[str]:
+    rows = []
+    for (label, seed), (d, _) in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        ref = runs.get((against, seed))
+        if label == against or ref is None:
+            continue
+        r = compare_runs(d, ref[0])["average"]
+        rows.append(f"| {label} | {seed} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['diff']:+.1f} | "
+                    f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {r['p_value']:.3f} |")
+    if not rows:
+        return []
+    return [f"## Paired test against {against} (per seed; B − A with A = the run, B = {against})", "",
+            f"| run | seed | run avg | {against} avg | {against} − run | 95% CI | p |",
+            "|---|---:|---:|---:|---:|---|---:|", *rows, "", *pooled(runs, against)]
+
+
+def pooled(runs, against: str, n_boot: int = 2000) -> list[str]:
+    """Per problem, the difference to `against` averaged over the seeds both have; bootstrap over problems.
+    Every seed is evaluated on the same held-out problems, so this is the seed-averaged effect with its
+    evaluation uncertainty (seed-to-seed training variance is what the per-seed rows show)."""
+    import numpy as np
+
+    from mtp_occ.eval.compare import load_problem_scores
+
+    rows, rng = [], np.random.default_rng(0)
+    for label in sorted({k[0] for k in runs} - {against}):
+        seeds = sorted(s for (lab, s) in runs if lab == label and (against, s) in runs)
+        if len(seeds) < 2:
+            continue
+        per_seed = []
+        for s in seeds:
+            a, b = (load_problem_scores(runs[key][0]) for key in ((label, s), (against, s)))
+            per_seed.append({(bench, i): b[bench][i] - a[bench][i] for bench in a if bench in b
+                             for i in a[bench] if i in b[bench]})
+        keys = sorted(set.intersection(*(set(d) for d in per_seed)))
+        d = np.array([np.mean([ps[k] for ps in per_seed]) for k in keys])
+        boot = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
+        lo, hi = np.quantile(boot, [0.025, 0.975])
+        p = (1 + int(np.sum(np.abs(boot - d.mean()) >= abs(d.mean()) - 1e-12))) / (1 + n_boot)
+        same_sign = sum(np.mean(list(ps.values())) > 0 for ps in per_seed)
+        rows.append(f"| {label} | {len(seeds)} | {len(keys)} | {100 * d.mean():+.2f} | "
+                    f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {p:.3f} | {same_sign}/{len(seeds)} |")
+    if not rows:
+        return []
+    return [f"Pooled over seeds ({against} − run, per-problem differences averaged over seeds, bootstrap over "
+            f"problems; last column: seeds in which {against} is ahead):", "",
+            f"| run | seeds | problems | {against} − run | 95% CI | p | {against} ahead |",
+            "|---|---:|---:|---:|---|---:|---:|", *rows, ""]
+
+
+def per_label_means(runs) -> list[str]:
+    """Held-out avg@k per row label: mean over seeds, and each seed's value."""
+    by = defaultdict(dict)
+    for (label, seed), (d, _) in runs.items():
+        s = d / "eval" / "summary.json"
+        if s.exists():
+            by[label][seed] = 100 * json.loads(s.read_text())["average"]["avg"]
+    seeds = sorted({s for v in by.values() for s in v})
+    lines = ["| run | mean | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---:|" + "---:|" * len(seeds)]
+    for label, v in sorted(by.items(), key=lambda kv: -sum(kv[1].values()) / len(kv[1])):
+        cells = " | ".join(f"{v[s]:.1f}" if s in v else "–" for s in seeds)
+        lines.append(f"| {label} | {sum(v.values()) / len(v):.1f} | {cells} |")
+    return lines
+
+
+def diagnostics(runs) -> list[str]:
     """Exact c, v² (first vs second half of training) and how the proxy ĉ, v̂² tracks them."""
     import numpy as np
 
     rows = []
-    for (regime, seed), d in sorted(runs.items()):
+    for (label, seed), (d, _) in sorted(runs.items()):
         diag = [r for r in (json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()) if "diag/c" in r]
         if len(diag) < 4:
             continue
         c, v2 = np.array([r["diag/c"] for r in diag]), np.array([r["diag/v2"] for r in diag])
         c_hat, v2_hat = np.array([r["diag/c_hat"] for r in diag]), np.array([r["diag/v2_hat"] for r in diag])
         h = len(diag) // 2
-        rows.append(f"| {regime} | {seed} | {len(diag)} | {c[:h].mean():.3g} → {c[h:].mean():.3g} | "
+        rows.append(f"| {label} | {seed} | {len(diag)} | {c[:h].mean():.3g} → {c[h:].mean():.3g} | "
                     f"{v2[:h].mean():.3g} → {v2[h:].mean():.3g} | {np.corrcoef(c, c_hat)[0, 1]:.2f} | "
                     f"{(np.sign(c) == np.sign(c_hat)).mean():.2f} | {np.corrcoef(v2, v2_hat)[0, 1]:.2f} |")
     if not rows:
         return []
     return ["", "## Exact decomposition vs the OCC proxy", "",
-            "| regime | seed | diag steps | c (1st half → 2nd half) | v² (1st → 2nd half) | r(c, ĉ) | sign agreement | r(v², v̂²) |",
+            "| run | seed | diag steps | c (1st half → 2nd half) | v² (1st → 2nd half) | r(c, ĉ) | sign agreement | r(v², v̂²) |",
             "|---|---:|---:|---|---|---:|---:|---:|", *rows]
 
 
-def main(root: Path, out: Path) -> None:
-    subprocess.run([sys.executable, "-m", "analysis.tables", "--run-root", str(root), "--out", str(out)], check=True)
-    runs = _runs(root)
-    lines = [f"# Report: {root.name}", "", f"{len(runs)} runs under `{root}`.", "",
-             "## Held-out accuracy (Table 1)", "", (out / "table1.md").read_text(), ""]
-    base = next(iter(runs.values())) / "eval" / "base" / "summary.json"
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", type=Path)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--reference", action="append", default=[], metavar="ROOT:REGIMES",
+                        help="runs of these regimes (comma-separated) from another sweep, same seeds only")
+    parser.add_argument("--against", default="detach", help="the row label paired tests compare with")
+    args = parser.parse_args(argv)
+    reference = [(Path(r.split(":")[0]), set(r.split(":")[1].split(","))) for r in args.reference]
+    runs = collect(args.root, reference)
+    metrics, evals = _frames(args.root, reference, runs)
+    write_tables(metrics, evals, args.out)
+    write_figures(metrics, args.out)
+    sources = ", ".join([f"`{args.root}`"] + [f"`{r}` ({', '.join(sorted(g))})" for r, g in reference])
+    lines = [f"# Report: {args.root.name}", "", f"{len(runs)} runs from {sources}.", "",
+             "## Held-out accuracy per run configuration", "", *per_label_means(runs), "",
+             "avg@k (%) on the held-out set, one column per seed.", ""]
+    if evals["regime"].eq("policy").any() and len({k[0] for k in runs if k[0].startswith("policy")}) > 1:
+        lines += ["## Table 2 (fixed λ vs OCC)", "", (args.out / "table2.md").read_text(), ""]
+    else:
+        lines += ["## Table 1 (regimes)", "", (args.out / "table1.md").read_text(), ""]
+    base = next(iter(runs.values()))[0] / "eval" / "base" / "summary.json"
     if base.exists():
         b = json.loads(base.read_text())["average"]
         lines += [f"Base model (before RL, shared by every run): avg {100 * b['avg']:.1f}, pass {100 * b['pass']:.1f}, "
                   f"maj {100 * b['maj']:.1f}.", ""]
-    paired = []
-    for (regime, seed), d in sorted(runs.items()):
-        ref = runs.get(("detach", seed))
-        if regime == "detach" or ref is None:
-            continue
-        r = compare_runs(d, ref)["average"]
-        paired.append(f"| {regime} | {seed} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['diff']:+.1f} | "
-                     f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {r['p_value']:.3f} |")
-    if paired:
-        lines += ["## Paired test against detach (per seed; B − A with A = the regime, B = detach)", "",
-                  "| regime | seed | regime avg | detach avg | detach − regime | 95% CI | p |",
-                  "|---|---:|---:|---:|---:|---|---:|", *paired]
+    lines += paired(runs, args.against)
     lam = defaultdict(list)
-    for (regime, _), d in runs.items():
+    for (label, _), (d, _) in runs.items():
         rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-        lam[regime] += [r["mtp/lambda"] for r in rows if "mtp/lambda" in r]
-    lines += ["", "## λ per regime (mean over steps of the per-step mean over updates)", "",
-              "| regime | mean λ | min | max |", "|---|---:|---:|---:|"]
+        lam[label] += [r["mtp/lambda"] for r in rows if "mtp/lambda" in r]
+    lines += ["## λ per run configuration (mean over steps of the per-step mean over updates)", "",
+              "| run | mean λ | min | max |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {sum(v) / len(v):.3g} | {min(v):.3g} | {max(v):.3g} |" for k, v in sorted(lam.items()) if v]
-    lines += _diagnostics(runs)
+    lines += diagnostics(runs)
     wall = [sum(json.loads(x).get("time/step_s", 0.0) for x in (d / "metrics.jsonl").read_text().splitlines()) / 60
-            for d in runs.values()]
-    lines += ["", "## Cost", "", (out / "cost.md").read_text(), "",
+            for d, _ in runs.values()]
+    lines += ["", "## Cost", "", (args.out / "cost.md").read_text(), "",
               f"RL time per run (sum of step times): {min(wall):.1f}–{max(wall):.1f} min on 2 CPU cores; "
               "figures: `fig_*.png` here."]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    print(out / "report.md")
+    (args.out / "report.md").write_text("\n".join(lines) + "\n")
+    print(args.out / "report.md")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), Path(sys.argv[2]))
+    main()

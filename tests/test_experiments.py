@@ -42,3 +42,36 @@ def test_paper_presets_dry_run_with_the_batch_arithmetic(name):
                        capture_output=True, text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "128"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "128 prompts x 16 = 2048 sequences" in p.stdout and '"train_batch_size": 512' in p.stdout
+
+
+@pytest.fixture(scope="module")
+def fixture_sweeps(tmp_path_factory):
+    from fixtures_runs import write_sweep
+
+    root = tmp_path_factory.mktemp("report") / "runs"
+    write_sweep(root)  # main: 4 regimes x seeds 0, 1; ablation: two more policy runs, seed 0
+    return root
+
+
+def _report(*args) -> str:
+    p = subprocess.run([sys.executable, "experiments/report.py", *map(str, args)], cwd=REPO, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "MPLBACKEND": "Agg"})
+    assert p.returncode == 0, p.stderr[-3000:]
+    return (Path(args[1]) / "report.md").read_text()
+
+
+def test_report_of_a_regime_sweep(fixture_sweeps, tmp_path):
+    text = _report(fixture_sweeps / "main", tmp_path / "e01")
+    assert "8 runs from" in text and "## Table 1 (regimes)" in text
+    assert "| ce | 0 |" in text and "| occ | 1 |" in text  # one paired row per (regime, seed)
+    assert "| policy | 2 | " in text  # pooled over both seeds
+    assert (tmp_path / "e01" / "table1.tex").exists() and (tmp_path / "e01" / "fig_reward.png").exists()
+
+
+def test_report_of_a_fixed_lambda_sweep_takes_occ_from_a_reference_sweep(fixture_sweeps, tmp_path):
+    text = _report(fixture_sweeps / "ablation", tmp_path / "e02", "--reference", f"{fixture_sweeps / 'main'}:occ",
+                   "--against", "occ")
+    assert "3 runs from" in text and "## Table 2 (fixed λ vs OCC)" in text
+    assert "| policy λ=0.3 (constant) | 0 |" in text and "| policy λ=0.05 (cosine) | 0 |" in text
+    assert "| occ | 1 |" not in text  # the reference contributes only the experiment's own seeds
+    assert "Paired test against occ" in text
