@@ -5,6 +5,8 @@ the base model's score, λ statistics and the wall time. Nothing in the report i
     python experiments/report.py runs/e01_regimes experiments/out/e01      # -> experiments/out/e01/report.md
     python experiments/report.py runs/e02_fixed_lambda experiments/out/e02 --reference runs/e01_regimes:occ --against occ
 
+`--readme experiments/README.md` also replaces the README's block marked `<!-- generated: experiments/out/e01/report.md -->`
+… `<!-- end generated -->` with the report (tests check that every such block equals its report file).
 `--reference ROOT:REGIME[,REGIME]` adds the runs of those regimes from another sweep (only the seeds the
 experiment itself has), e.g. e02's OCC rows, which come from e01 (same seeds, same base).
 """
@@ -151,6 +153,22 @@ def diagnostics(runs) -> list[str]:
             "|---|---:|---:|---|---|---:|---:|---:|", *rows]
 
 
+def generated_block(report_md: str) -> str:
+    """The report as it appears inside experiments/README.md: headings demoted two levels."""
+    return "\n".join("##" + line if line.startswith("#") else line for line in report_md.splitlines())
+
+
+def splice(readme: Path, report: Path) -> None:
+    """Replace the README block between `<!-- generated: <report> -->` and `<!-- end generated -->`."""
+    begin, end = f"<!-- generated: {report.as_posix()} -->", "<!-- end generated -->"
+    text = readme.read_text()
+    if begin not in text:
+        raise SystemExit(f"{readme}: no '{begin}' marker; add it (and '{end}') where the report goes")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{begin}\n{generated_block(report.read_text())}\n{end}{tail}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", type=Path)
@@ -158,6 +176,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", action="append", default=[], metavar="ROOT:REGIMES",
                         help="runs of these regimes (comma-separated) from another sweep, same seeds only")
     parser.add_argument("--against", default="detach", help="the row label paired tests compare with")
+    parser.add_argument("--readme", type=Path, help="also splice the report into this file (experiments/README.md)")
     args = parser.parse_args(argv)
     reference = [(Path(r.split(":")[0]), set(r.split(":")[1].split(","))) for r in args.reference]
     runs = collect(args.root, reference)
@@ -193,6 +212,8 @@ def main(argv: list[str] | None = None) -> None:
               "figures: `fig_*.png` here."]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")
     print(args.out / "report.md")
+    if args.readme:
+        splice(args.readme, args.out / "report.md")
 
 
 if __name__ == "__main__":

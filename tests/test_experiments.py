@@ -75,3 +75,19 @@ def test_report_of_a_fixed_lambda_sweep_takes_occ_from_a_reference_sweep(fixture
     assert "| policy λ=0.3 (constant) | 0 |" in text and "| policy λ=0.05 (cosine) | 0 |" in text
     assert "| occ | 1 |" not in text  # the reference contributes only the experiment's own seeds
     assert "Paired test against occ" in text
+
+
+def test_readme_results_are_the_generated_reports():
+    """Every `<!-- generated: FILE -->` block of experiments/README.md is FILE as `report.py --readme` splices it."""
+    import importlib.util
+    import re
+
+    spec = importlib.util.spec_from_file_location("report", REPO / "experiments" / "report.py")
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    readme = (REPO / "experiments" / "README.md").read_text()
+    blocks = re.findall(r"<!-- generated: (\S+) -->\n(.*?)\n<!-- end generated -->", readme, re.S)
+    assert {f for f, _ in blocks} >= {"experiments/out/e01/report.md", "experiments/out/e02/report.md",
+                                      "experiments/out/e03/report.md"}
+    for path, block in blocks:
+        assert block == report.generated_block((REPO / path).read_text()), f"{path} differs from its README block"
