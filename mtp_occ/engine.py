@@ -14,6 +14,12 @@ per update is ours to decide. Under ZeRO-3 the MTP layers read the (partitioned)
 weights outside those modules' forward, so they are registered as external parameters of the model,
 and generation runs with `synced_gpus=True` on every rank. Checkpoints go through the engine (ZeRO shards,
 MTP weights included) inside our atomic protocol (`mtp_occ.checkpoint`).
+
+Known limit under DeepSpeed: a non-finite *loss* skips the update as in `TorchEngine`, but a non-finite
+gradient behind a finite loss is only visible after DeepSpeed's `step()` (through its global norm; only
+fp16's loss scaler checks before), so with bf16/fp32 that one update is applied. The weights then produce
+non-finite losses, every following update is skipped, the run stops after `algo.max_bad_steps` steps,
+and since checkpoints refuse non-finite weights a rerun resumes from the last good step.
 """
 
 from __future__ import annotations
