@@ -99,3 +99,14 @@ def test_reward_items_mix_right_wrong_and_unparseable(data_dir):
     comps, golds, _ = bench.reward_items(8)
     assert len(comps) == len(golds) == 8
     assert golds[0] in comps[0] and "\\boxed" not in comps[2]
+
+
+def test_gpu_only_mode_says_why_it_cannot_run_here(tmp_path):
+    """`--gpu-only` is what tests/gpu/run_gpu_checks.sh calls: without CUDA it records why and exits 1."""
+    out = tmp_path / "gpu.json"
+    proc = subprocess.run([sys.executable, "-m", "mtp_occ.bench", "--gpu-only", "--quick", "--out", str(out)],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    if torch.cuda.is_available():
+        pytest.skip("has CUDA: the GPU section runs for real in tests/gpu/run_gpu_checks.sh")
+    assert proc.returncode == 1 and "GPU section not run: no CUDA" in proc.stderr
+    assert json.loads(out.read_text())["gpu"] == {"skipped": "no CUDA"}

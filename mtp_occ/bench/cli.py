@@ -50,6 +50,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "machine, see bench/README.md); 0 = torch's default")
     p.add_argument("--override", action="append", default=[], help="extra config override (repeatable)")
     p.add_argument("--gpu-override", action="append", default=[], help="extra override for the GPU section")
+    p.add_argument("--gpu-only", action="store_true",
+                   help="only the GPU section (tests/gpu/run_gpu_checks.sh); exits 1 when it cannot run")
     args = p.parse_args(argv)
     preset = QUICK if args.quick else FULL
     for key in ("rounds", "trl_cycles", "reward_items", "reward_reps", "budget_min"):
@@ -86,6 +88,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0, machine = perf_counter(), machine_info()
+    if args.gpu_only:
+        res = {"machine": machine, "gpu": bench_gpu(args.overrides + args.gpu_override),
+               "bench_seconds": perf_counter() - t0}
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(res, indent=1, default=str))
+        print(json.dumps(res["gpu"], indent=1, default=str))
+        if "skipped" in res["gpu"]:
+            raise SystemExit(f"GPU section not run: {res['gpu']['skipped']}")
+        return res
     budget = args.budget_min * 60 or float("inf")
     share = {"regimes": t0 + 0.45 * budget, "trl": t0 + 0.8 * budget, "rewards": t0 + 0.95 * budget}
     cfgs = {name: compose([*args.overrides, f"regime={name}"]) for name in REGIMES}
