@@ -131,6 +131,24 @@ def per_label_means(runs) -> list[str]:
     return lines
 
 
+def final_reward(runs, last: int = 20) -> list[str]:
+    """Training reward at the end of RL: per run, the mean of `reward/mean` over the last `last` steps;
+    per configuration, mean ± 95% t-interval over seeds."""
+    from analysis.tables import mean_ci
+
+    by = defaultdict(dict)
+    for (label, seed), (d, _) in runs.items():
+        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        rewards = [r["reward/mean"] for r in rows if "reward/mean" in r][-last:]
+        if rewards:
+            by[label][seed] = sum(rewards) / len(rewards)
+    lines = [f"| run | final reward (mean of the last {last} steps) | seeds |", "|---|---:|---:|"]
+    for label, v in sorted(by.items(), key=lambda kv: -sum(kv[1].values()) / len(kv[1])):
+        mean, ci = mean_ci(list(v.values()))
+        lines.append(f"| {label} | {mean:.3f} ± {ci:.3f} | {len(v)} |")
+    return lines
+
+
 def diagnostics(runs) -> list[str]:
     """Exact c, v² (first vs second half of training) and how the proxy ĉ, v̂² tracks them."""
     import numpy as np
@@ -186,7 +204,10 @@ def main(argv: list[str] | None = None) -> None:
     sources = ", ".join([f"`{args.root}`"] + [f"`{r}` ({', '.join(sorted(g))})" for r, g in reference])
     lines = [f"# Report: {args.root.name}", "", f"{len(runs)} runs from {sources}.", "",
              "## Held-out accuracy per run configuration", "", *per_label_means(runs), "",
-             "avg@k (%) on the held-out set, one column per seed.", ""]
+             "avg@k (%) on the held-out set, one column per seed.", "",
+             "## Training reward", "", *final_reward(runs), "",
+             "Same seed = same prompts and sampling noise in every configuration, so these differ only through "
+             "the policy.", ""]
     if evals["regime"].eq("policy").any() and len({k[0] for k in runs if k[0].startswith("policy")}) > 1:
         lines += ["## Table 2 (fixed λ vs OCC)", "", (args.out / "table2.md").read_text(), ""]
     else:
