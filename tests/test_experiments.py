@@ -28,7 +28,7 @@ def test_every_experiment_composes(name):
 
 
 @pytest.mark.parametrize("name", ["paper_mimo7b_dapo", "paper_e01", "paper_e02"])
-def test_paper_presets_dry_run_with_the_batch_arithmetic(name):
+def test_paper_presets_dry_run_with_the_batch_arithmetic(name, tmp_path):
     cfg = compose([f"experiment={name}"])
     a = cfg.algo
     assert (a.prompts_per_step, a.group_size, a.updates_per_step) == (128, 16, 4)  # 4 updates of 32 prompts
@@ -38,7 +38,8 @@ def test_paper_presets_dry_run_with_the_batch_arithmetic(name):
     ds = deepspeed_config(cfg, world=128)
     per_update = 128 * 16 // 4
     assert ds["train_batch_size"] == per_update and ds["zero_optimization"]["stage"] == 3
-    p = subprocess.run([sys.executable, "-m", "mtp_occ.run", f"experiment={name}", "dry_run=true"], cwd=REPO,
+    p = subprocess.run([sys.executable, "-m", "mtp_occ.run", f"experiment={name}", "dry_run=true",
+                        f"run_root={tmp_path}"], cwd=REPO,
                        capture_output=True, text=True, timeout=120, env={**os.environ, "WORLD_SIZE": "128"})
     assert p.returncode == 0, p.stderr[-2000:]
     assert "128 prompts x 16 = 2048 sequences" in p.stdout and '"train_batch_size": 512' in p.stdout
