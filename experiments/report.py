@@ -106,7 +106,8 @@ def pooled(runs, against: str, n_boot: int = 2000) -> list[str]:
         p = (1 + int(np.sum(np.abs(boot - d.mean()) >= abs(d.mean()) - 1e-12))) / (1 + n_boot)
         same_sign = sum(np.mean(list(ps.values())) > 0 for ps in per_seed)
         rows.append(f"| {label} | {len(seeds)} | {len(keys)} | {100 * d.mean():+.2f} | "
-                    f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {p:.3f} | {same_sign}/{len(seeds)} |")
+                    f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {f'{p:.3f}' if p >= 1e-3 else f'< {1e-3:g}'} | "
+                    f"{same_sign}/{len(seeds)} |")
     if not rows:
         return []
     return [f"Pooled over seeds ({against} − run, per-problem differences averaged over seeds, bootstrap over "
@@ -147,6 +148,48 @@ def final_reward(runs, last: int = 20) -> list[str]:
         mean, ci = mean_ci(list(v.values()))
         lines.append(f"| {label} | {mean:.3f} ± {ci:.3f} | {len(v)} |")
     return lines
+
+
+def fig_lambda_sweep(runs, out: Path) -> Path | None:
+    """Held-out avg@k against the fixed λ of the policy runs, one line per schedule (mean over seeds, seeds as
+    dots), the reference (OCC) as a horizontal band of its seed range: the shape of the paper's Table 2."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pts = defaultdict(lambda: defaultdict(list))
+    ref = []
+    for (label, _), (d, info) in runs.items():
+        s = d / "eval" / "summary.json"
+        if not s.exists():
+            continue
+        avg = 100 * json.loads(s.read_text())["average"]["avg"]
+        if info["regime"] == "policy":
+            pts[info["coef_schedule"]][info["lam"]].append(avg)
+        elif label.startswith("occ"):
+            ref.append(avg)
+    if sum(len(v) for v in pts.values()) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if ref:
+        ax.axhspan(min(ref), max(ref), color="tab:red", alpha=0.15)
+        ax.axhline(sum(ref) / len(ref), color="tab:red", label=f"OCC (mean of {len(ref)} seeds, band = range)")
+    for schedule, by_lam in sorted(pts.items()):
+        lams = sorted(by_lam)
+        line = ax.plot(lams, [sum(by_lam[x]) / len(by_lam[x]) for x in lams], marker="o", label=f"policy, {schedule} λ")
+        for x in lams:
+            ax.scatter([x] * len(by_lam[x]), by_lam[x], color=line[0].get_color(), alpha=0.35, s=12)
+    ax.set_xscale("log")
+    ax.set_xlabel("fixed λ (cosine: its starting value)")
+    ax.set_ylabel("held-out avg@k (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out / "fig_lambda_sweep.png"
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
 
 
 def diagnostics(runs) -> list[str]:
@@ -210,6 +253,8 @@ def main(argv: list[str] | None = None) -> None:
              "the policy.", ""]
     if evals["regime"].eq("policy").any() and len({k[0] for k in runs if k[0].startswith("policy")}) > 1:
         lines += ["## Table 2 (fixed λ vs OCC)", "", (args.out / "table2.md").read_text(), ""]
+        if fig_lambda_sweep(runs, args.out) is not None:
+            lines += ["Figure: `fig_lambda_sweep.png` (held-out accuracy against λ, OCC as a band).", ""]
     else:
         lines += ["## Table 1 (regimes)", "", (args.out / "table1.md").read_text(), ""]
     base = next(iter(runs.values()))[0] / "eval" / "base" / "summary.json"

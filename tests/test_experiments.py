@@ -76,6 +76,7 @@ def test_report_of_a_fixed_lambda_sweep_takes_occ_from_a_reference_sweep(fixture
     assert "| policy λ=0.3 (constant) | 0 |" in text and "| policy λ=0.05 (cosine) | 0 |" in text
     assert "| occ | 1 |" not in text  # the reference contributes only the experiment's own seeds
     assert "Paired test against occ" in text
+    assert (tmp_path / "e02" / "fig_lambda_sweep.png").exists() and "fig_lambda_sweep.png" in text
 
 
 def test_readme_results_are_the_generated_reports():
@@ -88,6 +89,6 @@ def test_readme_results_are_the_generated_reports():
     spec.loader.exec_module(report)
     readme = (REPO / "experiments" / "README.md").read_text()
     blocks = re.findall(r"<!-- generated: (\S+) -->\n(.*?)\n<!-- end generated -->", readme, re.S)
-    assert {"experiments/out/e01/report.md", "experiments/out/e03/report.md"} <= {f for f, _ in blocks}
+    assert {f"experiments/out/{e}/report.md" for e in ("e01", "e02", "e03")} <= {f for f, _ in blocks}
     for path, block in blocks:
         assert block == report.generated_block((REPO / path).read_text()), f"{path} differs from its README block"
