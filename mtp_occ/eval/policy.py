@@ -60,6 +60,7 @@ def make_generate_fn(model, tokenizer, cfg: Config, seed: int, d: DistInfo | Non
                                  batch_size=cfg.rollout.batch_size, seed=seed, add_special_tokens=add_special,
                                  row_keys=torch.arange(per * n) + d.rank * per * n, synced_gpus=synced)
         backend.release()
+        backend.metrics()  # drain the engine's counters: eval generation must not count in the next step's
         return gather_lists([batch.completions[i * n:(i + 1) * n] for i in range(real)])
 
     return generate_fn
