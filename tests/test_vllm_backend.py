@@ -247,3 +247,17 @@ def test_zero3_parameters_are_gathered_for_the_sync(tmp_path):
     p = subprocess.run([sys.executable, "-c", ZERO3_SCRIPT], cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, **env})
     assert p.returncode == 0 and "ok" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
+
+
+def test_evaluation_through_the_engine_leaves_the_acceptance_counters_to_training(fake_vllm, policy):
+    from mtp_occ.config import compose
+    from mtp_occ.eval.policy import make_generate_fn
+
+    model, tok = policy
+    llm = StandInLLM(model, speculative=True)
+    llm.eos = tok.eos_token_id
+    backend = VllmBackend(VllmRollout(llm, speculative=True))
+    cfg = compose(["eval.max_new_tokens=8", "eval.temperature=1.0"])
+    completions = make_generate_fn(model, tok, cfg, seed=0, backend=backend)(PROMPTS, 2)
+    assert len(completions) == len(PROMPTS) and all(len(c) == 2 for c in completions)
+    assert llm.counters[SPEC_COUNTERS[0]] > 0 and backend.metrics() == {}  # drafts happened, none left over
