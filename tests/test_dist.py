@@ -51,8 +51,8 @@ def _run_eval(root: Path, nproc: int, *extra) -> Path:
 def test_evaluation_under_zero3_with_two_processes_matches_one(tmp_path):
     """Every rank generates its block of the eval prompts (ZeRO-3's forward needs all ranks), rank 0 grades:
     the base and final evaluations equal a single process's, sample for sample."""
-    one = _run_eval(tmp_path / "one", 1)
-    # another bootstrap size: the base-eval cache key differs, so the two ranks really compute it
+    # bootstrap sizes no other test uses: the base-eval cache keys differ, so both runs really compute it
+    one = _run_eval(tmp_path / "one", 1, "eval.n_boot=52")
     two = _run_eval(tmp_path / "two", 2, "deepspeed=zero3", "eval.n_boot=51")
     for sub in ("base", "."):
         a = [json.loads(line) for line in (one / sub / "samples.jsonl").read_text().splitlines()]

@@ -103,13 +103,17 @@ def fake_vllm(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", mod)
 
 
+def _tiny(tok):
+    """The test policy as first built (seed 0): also what a stale engine holds."""
+    return build_tiny(ModelConfig(name="t", hidden_size=32, num_heads=4, intermediate_size=64, mtp_depth=1,
+                                  concat_order=ConcatOrder.hidden_first), vocab_size=len(tok),
+                      pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, seed=0)
+
+
 @pytest.fixture
 def policy():
     tok = build_tokenizer()
-    model = build_tiny(ModelConfig(name="t", hidden_size=32, num_heads=4, intermediate_size=64, mtp_depth=1,
-                                   concat_order=ConcatOrder.hidden_first), vocab_size=len(tok),
-                       pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, seed=0)
-    return model, tok
+    return _tiny(tok), tok
 
 
 def _perturb(model, seed=1):
@@ -137,9 +141,7 @@ def _rollout(model, tok, llm, temperature=0.7, n=3):
 def test_batch_layout_and_logprobs_match_the_trainer(fake_vllm, policy, temperature):
     model, tok = policy
     _perturb(model)  # the engine starts from stale weights: only the sync makes the log-probs agree
-    llm = StandInLLM(build_tiny(ModelConfig(name="t", hidden_size=32, num_heads=4, intermediate_size=64),
-                                vocab_size=len(tok), pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                                eos_id=tok.eos_token_id, seed=0))
+    llm = StandInLLM(_tiny(tok))
     _, batch = _rollout(model, tok, llm, temperature)
     B, T = batch.input_ids_BT.shape
     assert B == len(PROMPTS) * 3 and batch.prompt_idx_B.tolist() == [i for i in range(len(PROMPTS)) for _ in range(3)]
@@ -158,9 +160,7 @@ def test_batch_layout_and_logprobs_match_the_trainer(fake_vllm, policy, temperat
     assert logprob_mismatch(old_BT, batch.rollout_logprob_BT, loss_BT) < 1e-5
     assert (batch.rollout_logprob_BT * (1 - loss_BT) == 0).all()
     # without the sync the engine would have sampled from the stale policy: a visible mismatch
-    stale = StandInLLM(build_tiny(ModelConfig(name="t", hidden_size=32, num_heads=4, intermediate_size=64),
-                                  vocab_size=len(tok), pad_id=tok.pad_token_id, bos_id=tok.bos_token_id,
-                                  eos_id=tok.eos_token_id, seed=0))
+    stale = StandInLLM(_tiny(tok))
     stale.eos = tok.eos_token_id
     b2, lp2 = VllmRollout(stale, speculative=False).generate(
         tok, PROMPTS, 3, temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=12, max_prompt_len=16,

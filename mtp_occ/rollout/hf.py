@@ -103,14 +103,23 @@ def generate(lm, tokenizer, prompts: list[str], n: int, *, temperature: float, t
     for o in outs:
         gen[row:row + o.shape[0], : o.shape[1] - P] = o[:, P:]
         row += o.shape[0]
-    resp_mask, truncated = response_mask_after_eos(gen, tokenizer.eos_token_id)
-    gen = gen.masked_fill(resp_mask == 0, tokenizer.pad_token_id)
-    completions = tokenizer.batch_decode(gen, skip_special_tokens=True)
+    return assemble_batch(tokenizer, ids, attn, gen, n, cut)
+
+
+def assemble_batch(tokenizer, ids_BP: torch.Tensor, attn_BP: torch.Tensor, gen_BR: torch.Tensor, n: int, cut: int,
+                   len_B: torch.Tensor | None = None) -> RolloutBatch:
+    """Prompts (left-padded, each repeated `n` times) + generated tokens -> `RolloutBatch`. A response runs
+    up to and including its first EOS (and within its first `len_B` tokens when given: rows an engine
+    stopped early); every later position becomes padding."""
+    resp_BR, truncated_B = response_mask_after_eos(gen_BR, tokenizer.eos_token_id)
+    if len_B is not None:
+        resp_BR = resp_BR * (torch.arange(gen_BR.shape[1], device=gen_BR.device)[None] < len_B[:, None])
+    gen_BR = gen_BR.masked_fill(resp_BR == 0, tokenizer.pad_token_id)
     return RolloutBatch(
-        input_ids_BT=torch.cat([ids, gen], 1), attention_mask_BT=torch.cat([attn, resp_mask], 1),
-        response_mask_BT=torch.cat([torch.zeros_like(attn), resp_mask], 1), response_len_B=resp_mask.sum(1),
-        truncated_B=truncated, prompt_idx_B=torch.arange(len(prompts)).repeat_interleave(n),
-        completions=completions, prompt_truncated=cut)
+        input_ids_BT=torch.cat([ids_BP, gen_BR], 1), attention_mask_BT=torch.cat([attn_BP, resp_BR], 1),
+        response_mask_BT=torch.cat([torch.zeros_like(attn_BP), resp_BR], 1), response_len_B=resp_BR.sum(1),
+        truncated_B=truncated_B, prompt_idx_B=torch.arange(ids_BP.shape[0] // n).repeat_interleave(n),
+        completions=tokenizer.batch_decode(gen_BR, skip_special_tokens=True), prompt_truncated=cut)
 
 
 def concat_batches(batches: list[RolloutBatch], pad_id: int = 0) -> RolloutBatch:

@@ -36,7 +36,7 @@ from collections.abc import Callable, Iterator
 import torch
 from torch import nn
 
-from mtp_occ.rollout.hf import RolloutBatch, encode_prompts, response_mask_after_eos
+from mtp_occ.rollout.hf import RolloutBatch, assemble_batch, encode_prompts
 
 SPEC_COUNTERS = ("vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
 
@@ -175,18 +175,11 @@ class VllmRollout:
             for t, (tok, d) in enumerate(zip(toks, o.outputs[0].logprobs or [], strict=False)):
                 lp[b, t] = d[tok].logprob
         len_B = torch.tensor([len(o.outputs[0].token_ids) for o in outs])
-        resp, truncated = response_mask_after_eos(gen, tokenizer.eos_token_id)
-        resp = resp * (torch.arange(R)[None] < len_B[:, None])  # rows that stopped early carry no padding
-        gen = gen.masked_fill(resp == 0, tokenizer.pad_token_id)
-        ids = ids_P.repeat_interleave(n, 0)
-        attn = attn_P.repeat_interleave(n, 0)
-        P = ids.shape[1]
-        batch = RolloutBatch(torch.cat([ids, gen], 1), torch.cat([attn, resp], 1),
-                             torch.cat([torch.zeros_like(attn), resp], 1), resp.sum(1), truncated,
-                             torch.arange(len(prompts)).repeat_interleave(n),
-                             tokenizer.batch_decode(gen, skip_special_tokens=True), cut)
+        batch = assemble_batch(tokenizer, ids_P.repeat_interleave(n, 0), attn_P.repeat_interleave(n, 0), gen, n,
+                               cut, len_B)
+        P = ids_P.shape[1]
         vllm_lp_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
-        vllm_lp_BT[:, P - 1:P - 1 + R] = lp * resp  # index t scores token t+1
+        vllm_lp_BT[:, P - 1:P - 1 + R] = lp * batch.response_mask_BT[:, P:]  # index t scores token t+1
         return batch, vllm_lp_BT
 
 
