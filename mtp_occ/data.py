@@ -76,7 +76,7 @@ def build_prompts(cfg: DataConfig, seed: int) -> ArithPrompts | ListPrompts:
         from mtp_occ.eval.benchmarks import load_jsonl
 
         path = Path(cfg.path)
-        require(path.is_file(), "data.path", f"{path} is not a file (set data.path, or MTP_OCC_DATA for data=dapo_math_17k)")
+        require(path.is_file(), "data.path", f"{path} is not a file (set data.path; data=dapo_math_17k reads the shipped copy unless MTP_OCC_DATA is set)")
         return ListPrompts([Prompt(p.id, p.problem, p.answer) for p in load_jsonl(path)])
     import datasets
 

@@ -3,7 +3,8 @@
     python -m mtp_occ.run                                   # the embedded CPU default (regime=occ)
     python -m mtp_occ.run -m regime=detach,ce,policy,occ    # the four regimes, one shared base model
     python -m mtp_occ.run experiment=paper_mimo7b_dapo --cfg job   # show a composed config
-    python -m mtp_occ.run dry_run=true ...                  # validate + batch arithmetic, build nothing
+    python -m mtp_occ.run dry_run=true ...                  # validate + batch arithmetic + memory plan, build nothing
+    WORLD_SIZE=128 python -m mtp_occ.run experiment=paper_mimo7b_dapo dry_run=true   # the paper's 128 ranks
 
 Re-running the same command resumes from the run dir's last checkpoint (the run name derives from the
 overrides). Config errors are reported as one line naming the key, before any model is built.
@@ -41,12 +42,29 @@ def describe(cfg: Config) -> str:
         f"rollouts / step    {a.prompts_per_step} prompts x {a.group_size} = {rollouts} sequences, "
         f"max {cfg.rollout.max_prompt_len}+{cfg.rollout.max_new_tokens} tokens",
         f"updates / step     {a.updates_per_step} of {per_update} sequences "
-        f"({per_update // a.group_size} prompts), micro-batch {micro} -> {max(1, per_update // micro)} accumulation steps",
+        f"({per_update // a.group_size} prompts), " + (
+            f"micro-batches of <= {a.max_tokens_per_micro_batch:,} tokens" + (" (packed)" if a.pack_sequences else "")
+            + (f", <= {a.micro_batch_size} rows" if a.micro_batch_size else "") if a.max_tokens_per_micro_batch
+            else f"micro-batch {micro} -> {max(1, per_update // micro)} accumulation steps"),
         f"total              {cfg.steps} steps, {cfg.steps * rollouts} rollouts, {cfg.steps * a.updates_per_step} updates",
         f"deepspeed          {_describe_ds(cfg)}",
         f"eval               {', '.join(cfg.eval.benchmarks)} avg@{cfg.eval.k} (T={cfg.eval.temperature})",
     ]
     return "\n".join(lines)
+
+
+def describe_memory(cfg: Config) -> str:
+    """The per-rank memory plan (`mtp_occ.memory`) for $WORLD_SIZE ranks, on 80 GB and 141 GB devices and
+    the local GPU when there is one."""
+    import torch
+
+    from mtp_occ.memory import DEVICES_GB, memory_plan
+
+    plan = memory_plan(cfg)
+    if plan is None:
+        return f"memory plan         skipped: no local config.json for {cfg.model.name_or_path!r} (and not a known model)"
+    local = [torch.cuda.get_device_properties(0).total_memory / 1e9] if torch.cuda.is_available() else []
+    return plan.render([*local, *DEVICES_GB])
 
 
 def _one_line(e: BaseException) -> str:
@@ -128,6 +146,7 @@ def main(dcfg: DictConfig) -> float | None:
         sys.exit(2)
     print(describe(cfg))
     if cfg.dry_run:
+        print(describe_memory(cfg))
         return None
     from mtp_occ.train import train
 

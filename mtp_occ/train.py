@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import socket
-import subprocess
 import time
 from pathlib import Path
 
@@ -36,6 +35,7 @@ from mtp_occ.eval.templates import format_prompt
 from mtp_occ.log import RunLogger, update_run_json
 from mtp_occ.model.load import build_policy
 from mtp_occ.preempt import Preempted, PreemptionGuard, slurm_job_id
+from mtp_occ.provenance import environment, source_tree
 from mtp_occ.regimes import build_regime
 from mtp_occ.rl.grpo import dynamic_sampling_keep_G, group_advantages, overlong_penalty
 from mtp_occ.rollout import build_rollout
@@ -51,20 +51,18 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 
 def prepare_run_dir(cfg: Config, overrides: list[str]) -> Path:
-    """Create `<run_root>/<name>/` with overrides.txt, config.yaml and run.json (status running)."""
+    """Create `<run_root>/<name>/` with overrides.txt, config.yaml and run.json (status running; the source
+    tree and environment of this attempt, see `mtp_occ.provenance`)."""
     from omegaconf import OmegaConf
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "overrides.txt").write_text("".join(f"{o}\n" for o in overrides))
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain_dict(cfg)))
-    try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                                cwd=Path(__file__).parent).stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        commit = None
     prev = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
-    update_run_json(run_dir, name=cfg.name, host=socket.gethostname(), git_commit=commit,
+    tree = source_tree()
+    update_run_json(run_dir, name=cfg.name, host=socket.gethostname(), git_commit=tree.get("commit"), git=tree,
+                    env=environment(),
                     start_time=prev.get("start_time") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), end_time=None,
                     world_size=int(os.environ.get("WORLD_SIZE", 1)), slurm_job_id=slurm_job_id(),
                     status="running")
@@ -74,8 +72,11 @@ def prepare_run_dir(cfg: Config, overrides: list[str]) -> Path:
 def check_environment(cfg: Config) -> None:
     """Fail in milliseconds, before any model is built, on settings this machine cannot run."""
     cuda = torch.cuda.is_available()
-    require(cuda or cfg.rollout.backend.value != "vllm", "rollout.backend",
-            "vllm needs a CUDA GPU (none visible here); valid on this machine: hf (rollout=hf or rollout=tiny)")
+    if cfg.rollout.backend.value == "vllm":  # a CUDA GPU, or vLLM's CPU build (package metadata: nothing imported)
+        from mtp_occ.rollout.vllm import vllm_config_problem
+
+        key, problem = vllm_config_problem(cfg, cuda)
+        require(problem is None, key, problem or "")
     require(cuda or cfg.device != "cuda", "device", "cuda, but CUDA is not available on this machine; valid here: cpu, auto")
     require(not (cfg.deepspeed.enabled and cfg.diagnostics.every), "diagnostics.every",
             "needs deepspeed=none (ZeRO partitions the gradients it measures); set diagnostics.every=0")
@@ -187,9 +188,9 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     check_environment(cfg)
     prompts = build_prompts(cfg.data, cfg.data.seed)  # bad data fails here, before a run dir or a model exists
     t_start, d = time.time(), init_distributed(cfg.device)
-    run_dir = prepare_run_dir(cfg, overrides) if d.is_main else cfg.run_dir
-    if cfg.threads:
+    if cfg.threads:  # before the run dir records the environment
         torch.set_num_threads(cfg.threads)
+    run_dir = prepare_run_dir(cfg, overrides) if d.is_main else cfg.run_dir
     torch.manual_seed(cfg.seed)
     model, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)  # one base for all RL seeds
     model.to(d.device)
@@ -222,7 +223,7 @@ def train(cfg: Config, overrides: list[str]) -> dict:
                 if not max_int(rollouts is None):  # dynamic sampling kept nothing somewhere: every rank skips
                     batch, reward_B = rollouts
                     adv_B = group_advantages(reward_B, cfg.algo.group_size, cfg.algo.norm_std, cfg.algo.adv_eps).to(d.device)
-                    old_BT = old_logprobs(model, batch, cfg.algo.micro_batch_size, cfg.rollout.temperature)
+                    old_BT = old_logprobs(model, batch, cfg.algo, cfg.rollout.temperature)
                     metrics.update(correct_rollout_mismatch(batch, old_BT, cfg.rollout.tis_cap))
                     t2 = time.perf_counter()
                     res = rl_update(model, engine, regime, batch, old_BT, adv_B, cfg.algo,
@@ -258,6 +259,7 @@ def train(cfg: Config, overrides: list[str]) -> dict:
                                 lam=f"{metrics.get('mtp/lambda', 0.0):.3g}")
     except Preempted:  # checkpointed at this step; SLURM's requeue (or the same command) resumes
         logger.finish("preempted")
+        backend.close()  # a vLLM engine tears down its process groups before ours go
         shutdown()
         raise
     except BaseException:  # a crash (or Ctrl-C) is recorded as such, in run.json and in wandb
@@ -270,6 +272,7 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     logger.finish("finished")
     if d.is_main:
         update_run_json(run_dir, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status="finished")
+    backend.close()
     shutdown()
     return {"run_dir": str(run_dir), "base_eval": base_eval, "final_eval": summary, "last_metrics": metrics,
             "seconds": time.time() - t_start}

@@ -3,7 +3,16 @@
 The rollout batch is cut into mini-batches of whole groups (`minibatch_rows`), each mini-batch is one
 optimizer update, optionally accumulated over micro-batches whose losses are normalised by the *global
 mini-batch* denominators (so accumulation and data parallelism change nothing but memory and speed; see
-`mtp_occ.dist`).
+`mtp_occ.dist`). Micro-batches are fixed row counts or a token budget, optionally packed
+(`mtp_occ.microbatch`).
+
+The loop of one update, top to bottom in `rl_update`: global denominators of the mini-batch → its
+micro-batches (`micro_batch_rows`; every rank runs the same number, padding with a masked stand-in) →
+per micro-batch `_micro_step` (forward, `pg_loss + mtp_term`, backward) → one `engine.step`. Anything
+computed once per mini-batch belongs before the micro-batch loop, next to the denominators.
+
+With a token budget, `old_logprobs` runs each mini-batch through exactly the micro-batches the update
+will use, so at the first update logp and logp_old come from the same computation on the same tensors.
 
 Gradient clipping treats the shared model and the MTP layers as two groups (see `clip_grads`).
 Non-finite gradients skip the update (`fault/skipped_updates`) and the caller stops the run when that
@@ -20,6 +29,7 @@ import torch
 
 from mtp_occ.config import AlgoConfig
 from mtp_occ.dist import max_int, sum_floats
+from mtp_occ.microbatch import check_packing, cut, forward, micro_batch_rows
 from mtp_occ.model.mtp import MTPModel
 from mtp_occ.regimes import MtpTermInputs, Regime
 from mtp_occ.rl.diagnostics import Decomposition
@@ -45,25 +55,35 @@ def minibatch_rows(n_groups: int, group_size: int, updates: int) -> list[torch.T
 
 
 @torch.no_grad()
-def old_logprobs(model: MTPModel, batch: RolloutBatch, micro: int, temperature: float) -> torch.Tensor:
-    """log π_old of every sampled token, recomputed by the trainer's own forward (main head only)."""
+def old_logprobs(model: MTPModel, batch: RolloutBatch, algo: AlgoConfig | int, temperature: float) -> torch.Tensor:
+    """log π_old of every sampled token, recomputed by the trainer's own forward (main head only). `algo` as
+    an int is a micro-batch row count (the rows of the whole batch in order, no budget, no packing)."""
+    algo = algo if isinstance(algo, AlgoConfig) else AlgoConfig(micro_batch_size=algo)
+    check_packing(model, algo)
     was = model.training
     model.eval()
-    out = []
-    step = micro or len(batch)
-    for s in range(0, len(batch), step):
-        sl = slice(s, s + step)
-        out.append(model(batch.input_ids_BT[sl], batch.attention_mask_BT[sl], batch.response_mask_BT[sl],
-                         temperature=temperature, with_mtp=False).logprob_BT)
+    out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32, device=batch.input_ids_BT.device)
+    if algo.max_tokens_per_micro_batch:  # the update's own mini-batches and micro-batches
+        blocks = minibatch_rows(len(batch) // algo.group_size, algo.group_size, algo.updates_per_step)
+    else:
+        blocks = [torch.arange(len(batch))]
+    parts = [blk[r] for blk in blocks for r in micro_batch_rows(batch.select(blk), algo)]
+    for i in range(max_int(len(parts))):  # the same count on every rank (ZeRO-3 gathers in every forward)
+        if i >= len(parts):  # no rows left here: a masked-out stand-in
+            forward(model, _null_batch(batch), algo, temperature, with_mtp=False)
+            continue
+        part, cols = cut(batch, parts[i], trim=bool(algo.max_tokens_per_micro_batch))
+        col_idx = torch.arange(batch.input_ids_BT.shape[1], device=out_BT.device)[cols]
+        out_BT[parts[i].to(out_BT.device)[:, None], col_idx] = forward(model, part, algo, temperature,
+                                                                       with_mtp=False).logprob_BT
     model.train(was)
-    return torch.cat(out)
+    return out_BT
 
 
 def _micro_step(model, engine, regime: Regime, mb: RolloutBatch, old_BT, adv_B, algo: AlgoConfig, denoms: dict,
                 coef_scale: float, temperature: float, diag: Decomposition | None, last: bool
                 ) -> tuple[dict[str, float], str | None]:
-    out = model(mb.input_ids_BT, mb.attention_mask_BT, mb.response_mask_BT, grad_path=regime.grad_path,
-                temperature=temperature)
+    out = forward(model, mb, algo, temperature, grad_path=regime.grad_path)
     def loss_fn(logprob_BT, mask_BT, denom=None):
         return policy_loss(logprob_BT, old_BT, adv_B, mask_BT, clip_low=algo.clip_low, clip_high=algo.clip_high,
                            dual_clip=algo.dual_clip, agg=algo.agg, level=algo.level.value, denom=denom,
@@ -134,6 +154,7 @@ def rl_update(model: MTPModel, engine, regime: Regime, batch: RolloutBatch, old_
     counts: dict[str, int] = defaultdict(int)
     skipped, bad_term = 0, None
     model.train()
+    check_packing(model, algo)
     shared = [p for p in model.lm.parameters() if p.requires_grad]
     updates = minibatch_rows(len(batch) // group_size, group_size, algo.updates_per_step)
     for u, rows in enumerate(updates):
@@ -141,15 +162,18 @@ def rl_update(model: MTPModel, engine, regime: Regime, batch: RolloutBatch, old_
         diag = Decomposition(shared) if diagnose and (u > 0 or len(updates) == 1) else None
         denoms = _denominators(mb, model.depth, algo.agg)
         engine.zero_grad()
-        step = algo.micro_batch_size or max_int(len(mb))
+        parts = micro_batch_rows(mb, algo)
         bad, micro = None, []
-        n_micro = max_int(math.ceil(len(mb) / step))  # the same count on every rank
+        n_micro = max_int(len(parts))  # the same count on every rank
         for i in range(n_micro):
-            r = torch.arange(i * step, min((i + 1) * step, len(mb)))
-            part, old, adv = (mb.select(r), mb_old[r], mb_adv[r]) if len(r) else (_null_batch(batch), old_BT[:1], adv_B[:1])
+            if i < len(parts):
+                part, cols = cut(mb, parts[i], trim=bool(algo.max_tokens_per_micro_batch))
+                old, adv = mb_old[parts[i]][:, cols], mb_adv[parts[i]]
+            else:  # this rank has no rows left: a masked-out stand-in keeps the collectives in step
+                part, old, adv = _null_batch(batch), old_BT[:1], adv_B[:1]
             m, b = _micro_step(model, engine, regime, part, old, adv, algo, denoms, coef_scale, temperature, diag,
                                last=i == n_micro - 1)
-            bad, micro = bad or b, micro + [m] if len(r) else micro
+            bad, micro = bad or b, micro + [m] if i < len(parts) else micro
         bad = bad if not max_int(bad is not None) else (bad or "remote")  # every rank skips together
         norm, mtp_norm, applied = engine.step(finite=bad is None, before_clip=diag.measure if diag else None)
         merged = _merge_micro(micro)

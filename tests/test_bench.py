@@ -36,7 +36,8 @@ def _numbers(res: dict) -> dict[str, float]:
 
 
 def _assert_finite_positive(res: dict) -> None:
-    bad = {k: v for k, v in _numbers(res).items() if not (math.isfinite(v) and v > 0)}
+    # differences (`*_err`) may be exactly 0; every other figure is a positive rate, ratio or time
+    bad = {k: v for k, v in _numbers(res).items() if not (math.isfinite(v) and (v > 0 or k.endswith("_err") and v == 0))}
     assert not bad, f"non-finite or non-positive figures: {bad}"
 
 

@@ -19,9 +19,11 @@ import json
 import sys
 import time
 import types
+from pathlib import Path
 
 import pytest
 
+import mtp_occ
 from mtp_occ.eval.benchmarks import (
     BENCHMARK_NAMES,
     HUB_SPECS,
@@ -40,7 +42,7 @@ def test_default_data_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("MTP_OCC_DATA", str(tmp_path))
     assert default_data_dir() == tmp_path / "benchmarks"
     monkeypatch.delenv("MTP_OCC_DATA")
-    assert default_data_dir().parts[-3:] == ("shared", "data", "benchmarks")
+    assert default_data_dir() == Path(mtp_occ.__file__).parent / "assets" / "benchmarks"
 
 
 @pytest.mark.parametrize("name", BENCHMARK_NAMES)
@@ -164,3 +166,51 @@ def test_gold_answers_grade_correct_with_math_verify():
     failures = [(p.id, p.answer, v) for p, v in zip(problems, verdicts, strict=True) if v.score != 1.0]
     assert not failures, json.dumps([(i, a, str(v)) for i, a, v in failures], indent=1)
     assert time.monotonic() - start < 300
+
+
+# ------------------------------------------------------------------------------- the data shipped in the repo
+
+
+def test_shipped_files_match_the_sha256_in_sources():
+    """Every file SOURCES.md pins is shipped byte for byte (a re-normalised or truncated copy fails)."""
+    import hashlib
+
+    from mtp_occ.assets import ASSETS_DIR
+
+    text = (ASSETS_DIR / "SOURCES.md").read_text()
+    pinned = {}
+    for line in text.split("## SHA-256 of the produced files", 1)[1].splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and len(parts[0]) == 64 and "(uncompressed)" not in line:
+            pinned[parts[1]] = parts[0]
+    assert len(pinned) == 7, pinned
+    for rel, digest in pinned.items():
+        assert hashlib.sha256((ASSETS_DIR / rel).read_bytes()).hexdigest() == digest, rel
+
+
+def test_data_file_takes_the_plain_copy_then_the_compressed_one(monkeypatch, tmp_path):
+    import gzip
+
+    from mtp_occ.assets import data_file
+
+    monkeypatch.setenv("MTP_OCC_DATA", str(tmp_path))
+    (tmp_path / "train").mkdir()
+    assert data_file("train/x.jsonl") == tmp_path / "train" / "x.jsonl"  # neither: the name asked for
+    with gzip.open(tmp_path / "train" / "x.jsonl.gz", "wt") as f:
+        f.write(GOOD + "\n")
+    assert data_file("train/x.jsonl") == tmp_path / "train" / "x.jsonl.gz"
+    assert [p.id for p in load_jsonl(data_file("train/x.jsonl"))] == ["a-1"]
+    (tmp_path / "train" / "x.jsonl").write_text(GOOD + "\n")
+    assert data_file("train/x.jsonl") == tmp_path / "train" / "x.jsonl"
+
+
+def test_dapo_config_reads_the_shipped_compressed_copy(monkeypatch):
+    from mtp_occ.assets import ASSETS_DIR
+    from mtp_occ.config import compose
+    from mtp_occ.data import build_prompts
+
+    monkeypatch.delenv("MTP_OCC_DATA", raising=False)
+    cfg = compose(["data=dapo_math_17k", "eval=math6", "reward=dapo", "model=smollm2_135m"])
+    assert Path(cfg.data.path) == ASSETS_DIR / "train" / "dapo-math-17k.jsonl.gz"
+    prompts = build_prompts(cfg.data, cfg.data.seed)
+    assert len(prompts) == 17_917

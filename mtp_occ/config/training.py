@@ -17,7 +17,22 @@ class AlgoConfig:
     prompts_per_step: int = 64
     group_size: int = 8  # samples per prompt (GRPO group)
     updates_per_step: int = 4  # mini-batches per step; OCC needs > 1 (λ == 0 on the first update)
-    micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole mini-batch
+    micro_batch_size: int = 0  # sequences per forward/backward; 0 = the whole mini-batch (with a token budget: a row cap)
+    # Token budget per forward/backward (verl's dynamic batch size, `ppo_max_token_len_per_gpu`); 0 = off. Rows
+    # are sorted by length and filled in order while the micro-batch's size stays within the budget, counted
+    # on the tensor the forward sees: rows x trimmed width (padded) or the sum of lengths (`pack_sequences`).
+    # Must be >= the longest sequence (rollout.max_prompt_len + rollout.max_new_tokens). Losses keep the
+    # mini-batch's normalisers, so the update is the same as without it (to round-off); see `mtp_occ.update`.
+    max_tokens_per_micro_batch: int = 0
+    # Padding removal (verl's `use_remove_padding`): each micro-batch's real tokens run as one packed row with
+    # per-sequence position ids (`mtp_occ.model.packing`); needs model.attn_implementation eager, sdpa or
+    # flash_attention_2/3. On CPU (eager/sdpa) HF builds a dense block-diagonal mask, so only flash-attention
+    # (GPU) also skips the padded tokens' attention.
+    pack_sequences: bool = False
+    # MB of float32 logits per head-projection chunk of the log-probs (`mtp_occ.model.logprob`): tokens per
+    # chunk = this / (4 x vocab), e.g. 105 at MiMo's 151,680 and the default; 0 = the dense reference path
+    # ([B,T,V] logits at every position; for checks only).
+    logprob_chunk_mb: float = 64.0
     level: PolicyLevel = PolicyLevel.token
     clip_low: float = 0.2
     clip_high: float = 0.28  # DAPO clip-higher
@@ -47,6 +62,10 @@ class AlgoConfig:
                 f"groups, got {self.updates_per_step}")
         require(self.agg in AGGREGATIONS, "algo.agg", f"must be one of {AGGREGATIONS}, got {self.agg!r}")
         require(self.micro_batch_size >= 0, "algo.micro_batch_size", "must be >= 0 (0 = whole mini-batch)")
+        require(self.max_tokens_per_micro_batch >= 0, "algo.max_tokens_per_micro_batch",
+                f"must be >= 0 (0 = off), got {self.max_tokens_per_micro_batch}")
+        require(self.logprob_chunk_mb >= 0, "algo.logprob_chunk_mb",
+                f"must be >= 0 (0 = dense reference), got {self.logprob_chunk_mb}")
         require(0 <= self.clip_low < 1, "algo.clip_low", f"must be in [0, 1), got {self.clip_low}")
         require(self.clip_high >= 0, "algo.clip_high", "must be >= 0")
         require(self.dual_clip == 0 or self.dual_clip > 1, "algo.dual_clip", "must be 0 (off) or > 1")
@@ -70,7 +89,10 @@ class RolloutConfig:
     max_prompt_len: int = 64  # longer prompts are left-truncated with a warning count
     batch_size: int = 0  # sequences per `generate` call; 0 = all at once
     # vLLM only
-    gpu_memory_utilization: float = 0.5
+    gpu_memory_utilization: float = 0.5  # GPU: share of device memory; CPU build: share of RAM (see kv_cache_mib)
+    kv_cache_mib: int = 0  # explicit KV cache size; 0 = from gpu_memory_utilization. Set it on the CPU build,
+    # where the share is taken of the node's RAM minus this process's RSS (a trainer's memory makes it fail)
+    sleep_level: int = 2  # between rollouts: 1 offloads the weights, 2 discards them (the next sync rewrites them)
     speculative_mtp: bool = False  # MTP speculative decoding; the drafter's weights sync every step
     tis_cap: float = 0.0  # truncated importance sampling cap on pi_train/pi_vllm; 0 = off
 
@@ -78,6 +100,17 @@ class RolloutConfig:
         require(self.temperature > 0, "rollout.temperature", "must be > 0 for RL sampling")
         require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
+        require(self.kv_cache_mib >= 0, "rollout.kv_cache_mib", f"must be >= 0 (0 = off), got {self.kv_cache_mib}")
+        require(self.sleep_level in (1, 2), "rollout.sleep_level", f"must be 1 or 2, got {self.sleep_level}")
+        require(self.tis_cap >= 0, "rollout.tis_cap", f"must be >= 0 (0 = off), got {self.tis_cap}")
+        # vLLM's processed log-probs are renormalised over the kept tokens, the trainer's are not: the IS
+        # weights would be the kept probability mass, not a sampler/trainer correction
+        require(self.tis_cap == 0 or (self.top_p == 1 and self.top_k == 0), "rollout.tis_cap",
+                f"needs untruncated sampling (top_p=1, top_k=0; got {self.top_p}, {self.top_k}): set "
+                "rollout.tis_cap=0 or drop the truncation")
+        require(self.tis_cap == 0 or not self.speculative_mtp, "rollout.tis_cap",
+                "needs the engine's log-probs, which speculative decoding does not provide: set rollout.tis_cap=0 "
+                "or rollout.speculative_mtp=false")
 
 
 @dataclass
@@ -106,7 +139,7 @@ class DataConfig:
     """Training prompts."""
 
     source: DataSource = DataSource.arith
-    path: str = ""  # source=jsonl: file path (`${oc.env:MTP_OCC_DATA}`-style interpolation is fine)
+    path: str = ""  # source=jsonl: file path (`${data_file:train/x.jsonl}` resolves under the data root)
     hub_id: str = ""  # source=hub
     split: str = "train"
     template: str = "plain"  # prompt template name from mtp_occ.eval.templates
@@ -138,7 +171,7 @@ class EvalConfig:
 
     enabled: bool = True
     benchmarks: list[str] = field(default_factory=lambda: ["arith"])  # "arith" = the task's held-out set
-    data_dir: str = ""  # local benchmark jsonl dir; "" = $MTP_OCC_DATA/benchmarks or ../shared/data/benchmarks
+    data_dir: str = ""  # local benchmark jsonl dir; "" = the shipped copies (or $MTP_OCC_DATA/benchmarks)
     hub: bool = False  # load benchmarks from the Hugging Face hub instead
     k: int = 4  # samples per problem: avg@k, pass@k, maj@k
     temperature: float = 1.0  # 0 = greedy (then k must be 1)

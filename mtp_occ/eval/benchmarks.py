@@ -3,9 +3,10 @@
 What it is
     `load_benchmark(name)` returns a `Benchmark` (name + list of `Problem(id, problem, answer, source)`) for
     aime24 (30), aime25 (30), amc23 (40), math500 (500), minerva (272) or olympiadbench (675). Local files
-    live in `default_data_dir()` = `$MTP_OCC_DATA/benchmarks` (default `<repo>/../shared/data/benchmarks`),
-    one JSON object per line with `id, problem, answer[, solution], source` (SOURCES.md there says where
-    every row came from). `load_jsonl(path)` validates every row and raises `BenchmarkDataError` naming the
+    live in `default_data_dir()` = `<data_root>/benchmarks`: the copies shipped in `mtp_occ/assets/` unless
+    `$MTP_OCC_DATA` points elsewhere (see `mtp_occ.assets`), one JSON object per line with
+    `id, problem, answer[, solution], source` (`mtp_occ/assets/SOURCES.md` says where every row came from;
+    a `.jsonl.gz` file is read as is). `load_jsonl(path)` validates every row and raises `BenchmarkDataError` naming the
     file, the 1-based line, the field and the fix; it never hands a half-valid file to the eval.
 
 How it departs from the usual loaders
@@ -23,6 +24,7 @@ How to use
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
@@ -56,9 +58,10 @@ class Benchmark:
 
 
 def default_data_dir() -> Path:
-    """`$MTP_OCC_DATA/benchmarks`, or `<repo>/../shared/data/benchmarks` when the variable is unset."""
-    root = os.environ.get("MTP_OCC_DATA") or Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return Path(root) / "benchmarks"
+    """`<data_root>/benchmarks`: the shipped copies, or `$MTP_OCC_DATA/benchmarks` when that is set."""
+    from mtp_occ.assets import data_root
+
+    return data_root() / "benchmarks"
 
 
 # ------------------------------------------------------------------------------------------- local files
@@ -98,13 +101,14 @@ def _check_unique(problems: Iterable[tuple[str, Problem]]) -> list[Problem]:
 
 
 def load_jsonl(path: str | os.PathLike) -> list[Problem]:
-    """Every row of a benchmark jsonl file, validated (blank lines are skipped)."""
+    """Every row of a jsonl file (gzip-compressed if it ends in `.gz`), validated (blank lines are skipped)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"benchmark file {path} not found. Fix: set MTP_OCC_DATA to the dir holding "
-                                "benchmarks/<name>.jsonl, pass data_dir=..., or load from the hub (hub=True)")
+        raise FileNotFoundError(f"data file {path} not found. Fix: unset MTP_OCC_DATA to use the data shipped "
+                                "in mtp_occ/assets, set it to a dir holding benchmarks/<name>.jsonl and "
+                                "train/, pass data_dir=..., or load from the hub (hub=True)")
     rows = []
-    with open(path, "rb") as f:
+    with (gzip.open if path.suffix == ".gz" else open)(path, "rb") as f:
         for lineno, raw in enumerate(f, start=1):
             where = f"{path}:{lineno}"
             try:
@@ -119,7 +123,7 @@ def load_jsonl(path: str | os.PathLike) -> list[Problem]:
             except json.JSONDecodeError as e:
                 raise BenchmarkDataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}). "
                                          "Fix: one complete JSON object per line") from None
-            rows.append((where, _validate_row(row, where, default_source=path.stem)))
+            rows.append((where, _validate_row(row, where, default_source=Path(path.name.removesuffix('.gz')).stem)))
     if not rows:
         raise BenchmarkDataError(f"{path}: no rows. Fix: one JSON object per line")
     return _check_unique(rows)
@@ -219,5 +223,8 @@ def load_benchmark(name: str, data_dir: str | os.PathLike | None = None, hub: bo
     if hub:
         problems = _load_hub(name, HUB_SPECS[name])
     else:
-        problems = load_jsonl(Path(data_dir or default_data_dir()) / f"{name}.jsonl")
+        from mtp_occ.assets import data_file
+
+        local = Path(data_dir) / f"{name}.jsonl" if data_dir else data_file(f"benchmarks/{name}.jsonl")
+        problems = load_jsonl(local)
     return Benchmark(name, problems[:limit] if limit else problems)

@@ -7,6 +7,10 @@
   `model.mtp_layers.{i}.{token_layernorm, hidden_layernorm, input_proj, input_layernorm, self_attn,
   post_attention_layernorm, mlp, final_layernorm}`. HF's MiMo class never runs these layers; we load
   the backbone as Qwen2 (MiMo's architecture) and the MTP weights into our layers, which our forward runs.
+  MiMo's MTP layers read the backbone's last hidden state before the final norm: vLLM's `MiMoModel.forward`
+  returns the pre-norm state (the norm is applied only for the logits) and its `mimo_mtp` drafter consumes
+  it, so training feeds the same state (`MTPModel.prenorm_hidden`, recorded in `mtp_config.json`). (vLLM's
+  drafter also zeroes the token embedding at position 0; that position is a prompt token, never an RL one.)
 
 `save_model(model, dir)` writes the HF model plus `mtp.safetensors` in MiMo's key layout, so anything we
 save loads back with `source=hf` (and other tools read the MTP weights by MiMo's names).
@@ -120,6 +124,7 @@ def load_pretrained(cfg: ModelConfig) -> MTPModel:
         from huggingface_hub import snapshot_download
 
         path = Path(snapshot_download(cfg.name_or_path))
+    prenorm = cfg.source is ModelSource.mimo  # MiMo's MTP input is the pre-norm state (vLLM's mimo/mimo_mtp)
     if cfg.source is ModelSource.mimo:
         lm, depth = _load_mimo_lm(path, cfg, dtype)
     else:
@@ -130,7 +135,9 @@ def load_pretrained(cfg: ModelConfig) -> MTPModel:
         meta = path / MTP_META
         if meta.exists():
             depth = json.loads(meta.read_text())["depth"]
+            prenorm = json.loads(meta.read_text()).get("prenorm_hidden", False)
     model = attach_mtp(lm, depth, cfg.concat_order, cfg.mtp_init)
+    model.prenorm_hidden = prenorm
     state = _read_mtp_state(path)
     if state:
         missing, unexpected = model.mtp.load_state_dict(state, strict=False)
@@ -156,7 +163,8 @@ def save_model(model: MTPModel, out_dir: Path, tokenizer=None) -> None:
         tokenizer.save_pretrained(str(out_dir))
     state = {ours_to_mimo_key(k): v.detach().contiguous().cpu() for k, v in model.mtp.state_dict().items()}
     save_file(state, str(out_dir / MTP_FILE))
-    (out_dir / MTP_META).write_text(json.dumps({"depth": model.depth, "concat_order": model.concat_order.value}))
+    (out_dir / MTP_META).write_text(json.dumps({"depth": model.depth, "concat_order": model.concat_order.value,
+                                                "prenorm_hidden": model.prenorm_hidden}))
 
 
 def smollm2_dir() -> Path:

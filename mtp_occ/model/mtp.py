@@ -2,7 +2,7 @@
 gradient paths and log-probs aligned for RL.
 
 Depth k = 1..K shares the embedding E and the output head H with the main model:
-    h^0_t  = last hidden state of the backbone (after its final norm)               [B,T,D]
+    h^0_t  = last hidden state of the backbone (after its final norm; MiMo: before it)    [B,T,D]
     z^k_t  = P_k · concat(norm_h(h^{k-1}_t), norm_e(E(x_{t+k})))   (order: `concat_order`)
     h^k    = final_norm_k(Block_k(z^k))         (one causal decoder block of the backbone's own class)
     logits^k_t = H(h^k_t)                       predicts x_{t+k+1}
@@ -17,7 +17,12 @@ the main head: index t scores the token x_{t+1}.
   left by k+1 from the input-aligned mask: the first response token is supervised, from prompt inputs);
   `mtp_rl_mask_KBT[k-1,t] = response[t+1] ∧ response[t−k+1]` (the MTP inputs lie inside the response: the
   first k response positions have no MTP prediction from inside the response and are masked explicitly).
-Sequences are never packed here, so nothing rolls across a boundary; wrapped positions are masked.
+Packed input (`position_ids_BT` given: several sequences in one row, positions restarting at 0, see
+`mtp_occ.model.packing`): the masks come from the positions, so no label, MTP input or aligned log-prob is
+ever taken across a sequence boundary; wrapped positions are masked either way.
+
+The head is projected only where a mask selects a log-prob, in chunks (`mtp_occ.model.logprob`): no
+[B,T,V] logits exist unless `logprob_chunk_mb=0` asks for the dense reference.
 
 Gradient paths (`GradPathConfig`): `embedding` detaches E's weight where the MTP layers read it,
 `backbone` detaches h^0, `lm_head` detaches H's weight for the MTP logits. The MTP layers always train.
@@ -35,17 +40,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_occ.config import ConcatOrder, GradPathConfig
+from mtp_occ.model.logprob import head_logprob_BT, token_logprob_BT  # noqa: F401 (the dense reference)
+from mtp_occ.model.packing import packed_aligned_masks
 
 ALL_PATHS = GradPathConfig(embedding=True, backbone=True, lm_head=True)
-
-
-def token_logprob_BT(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log softmax(logits / temperature)[target] in float32, without materialising a second [B,T,V]."""
-    logits_BTV = logits_BTV.float()
-    if temperature != 1.0:
-        logits_BTV = logits_BTV / temperature
-    picked_BT = logits_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
-    return picked_BT - torch.logsumexp(logits_BTV, dim=-1)
 
 
 def shift_left_BT(x_BT: torch.Tensor, n: int, fill: int | float | bool = 0) -> torch.Tensor:
@@ -118,6 +116,9 @@ class MTPModel(nn.Module):
     def __init__(self, lm: nn.Module, mtp: nn.ModuleList, concat_order: ConcatOrder):
         super().__init__()
         self.lm, self.mtp, self.concat_order = lm, mtp, concat_order
+        # MiMo: the MTP layers read the backbone's last state *before* its final norm, as vLLM's MiMo drafter
+        # does (set by `load_pretrained` for source=mimo); DeepSeek-V3-style fresh layers read it after
+        self.prenorm_hidden = False
 
     @property
     def depth(self) -> int:
@@ -133,33 +134,52 @@ class MTPModel(nn.Module):
 
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
                 response_mask_BT: torch.Tensor, grad_path: GradPathConfig = ALL_PATHS,
-                temperature: float = 1.0, with_mtp: bool = True) -> MTPOutput:
+                temperature: float = 1.0, with_mtp: bool = True, logprob_chunk_mb: float = 64.0,
+                position_ids_BT: torch.Tensor | None = None) -> MTPOutput:
+        """`logprob_chunk_mb`: MB of float32 logits per head chunk (0 = dense reference); `position_ids_BT`:
+        packed rows (then `attention_mask_BT` is ignored: HF builds the block-diagonal mask, or flash-attention
+        its varlen boundaries, from the positions)."""
         from transformers.masking_utils import create_causal_mask
 
-        pos_BT = (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+        packed = position_ids_BT is not None
+        pos_BT = position_ids_BT if packed else (attention_mask_BT.long().cumsum(-1) - 1).clamp(min=0)
+        hf_mask_BT = None if packed else attention_mask_BT
         backbone = self.lm.model
         embeds_BTD = backbone.embed_tokens(input_ids_BT)
-        h_BTD = backbone(inputs_embeds=embeds_BTD, attention_mask=attention_mask_BT, position_ids=pos_BT).last_hidden_state
+        # use_cache=False: a training forward needs no KV cache (it would hold every layer's K, V, and its
+        # presence turns off HF's packed-sequence masks)
+        pre_norm = []  # the final norm's input, captured only when the MTP layers read it
+        hook = backbone.norm.register_forward_pre_hook(lambda _m, a: pre_norm.append(a[0])) \
+            if self.prenorm_hidden and with_mtp else None
+        try:
+            h_BTD = backbone(inputs_embeds=embeds_BTD, attention_mask=hf_mask_BT, position_ids=pos_BT,
+                             use_cache=False).last_hidden_state
+        finally:
+            if hook is not None:
+                hook.remove()
         head = self.lm.get_output_embeddings()
-        logprob_BT = token_logprob_BT(head(h_BTD), shift_left_BT(input_ids_BT, 1), temperature)
-        loss_BT, ce_mask_KBT, rl_mask_KBT = aligned_masks(attention_mask_BT, response_mask_BT, self.depth)
-        logprob_BT = torch.where(loss_BT, logprob_BT, 0.0)
+        loss_BT, ce_mask_KBT, rl_mask_KBT = (packed_aligned_masks(pos_BT, response_mask_BT, self.depth) if packed
+                                             else aligned_masks(attention_mask_BT, response_mask_BT, self.depth))
+        targets_BT = shift_left_BT(input_ids_BT, 1)  # every depth's aligned index t scores x_{t+1}
+        logprob_BT = head_logprob_BT(h_BTD, head.weight, head.bias, targets_BT, loss_BT, temperature, logprob_chunk_mb)
         if not with_mtp:
             empty = logprob_BT.new_zeros((0,) + tuple(logprob_BT.shape))
             return MTPOutput(logprob_BT, empty, loss_BT, ce_mask_KBT[:0], rl_mask_KBT[:0], logprob_BT.new_zeros(0))
-        mask4d = create_causal_mask(config=backbone.config, inputs_embeds=embeds_BTD, attention_mask=attention_mask_BT,
+        mask4d = create_causal_mask(config=backbone.config, inputs_embeds=embeds_BTD, attention_mask=hf_mask_BT,
                                     past_key_values=None, position_ids=pos_BT)
         rope = backbone.rotary_emb(h_BTD, position_ids=pos_BT)
         emb_w = backbone.embed_tokens.weight if grad_path.embedding else backbone.embed_tokens.weight.detach()
         head_w = head.weight if grad_path.lm_head else head.weight.detach()
         head_b = None if head.bias is None else (head.bias if grad_path.lm_head else head.bias.detach())
-        h_prev = h_BTD if grad_path.backbone else h_BTD.detach()
+        h_prev = pre_norm[-1] if pre_norm else h_BTD
+        h_prev = h_prev if grad_path.backbone else h_prev.detach()
         mtp_lp, ces = [], []
         for k, layer in enumerate(self.mtp, start=1):
             e_BTD = F.embedding(shift_left_BT(input_ids_BT, k), emb_w)
             h_prev = layer(h_prev, e_BTD, mask4d, pos_BT, rope)
-            raw_BT = token_logprob_BT(F.linear(h_prev, head_w, head_b), shift_left_BT(input_ids_BT, k + 1), temperature)
-            aligned_BT = torch.where(ce_mask_KBT[k - 1], shift_right_BT(raw_BT, k), 0.0)
+            # depth k's raw prediction at t−k scores x_{t+1}: read there, only where the CE mask selects it
+            aligned_BT = head_logprob_BT(h_prev, head_w, head_b, targets_BT, ce_mask_KBT[k - 1], temperature,
+                                         logprob_chunk_mb, shift=k)
             mtp_lp.append(aligned_BT)
             m = ce_mask_KBT[k - 1].to(aligned_BT.dtype)
             ces.append(-(aligned_BT * m).sum() / m.sum().clamp(min=1.0))

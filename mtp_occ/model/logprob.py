@@ -1,0 +1,118 @@
+"""Token log-probs of the output head without a [B,T,V] logits tensor.
+
+`head_logprob_BT` projects only the positions whose log-prob a loss uses (a mask: response targets for the
+main head, the CE mask for an MTP depth), in chunks of tokens, through `ChunkedTokenLogprob`, an autograd
+function that keeps only the hidden states and one log-sum-exp per token and *recomputes* each chunk's
+logits in backward. Peak memory is one chunk of float32 logits (`chunk_tokens`), at any temperature; the
+head's weight gets a gradient only when it requires one (a detached weight, `grad_path.lm_head=false`,
+gets none). Results equal the dense reference (`token_logprob_BT` on `F.linear` over every position, what
+the model computed before) to float32 round-off, gradients included (tests/test_logprob.py).
+
+Departures from peers: verl computes `logprobs_from_logits` on the full logits of the response slice
+(optionally flash-attn's fused cross-entropy kernel) and chunks only its entropy
+(`entropy_from_logits_with_chunking`); Liger's fused linear cross-entropy chunks the head projection as
+here but returns one reduced loss. The policy loss needs a log-prob *per token*, so this returns them per
+token and leaves the reduction to `mtp_occ.rl.grpo`. The chunk is sized in MB of float32 logits
+(`algo.logprob_chunk_mb`), not tokens, so a small vocabulary runs in one chunk (no loop overhead on the
+embedded task) and a 151,680-token vocabulary in ~110 tokens per chunk at the default 64 MB. The weight's
+gradient is accumulated over chunks in float32 and cast once. No entropy is computed anywhere (no entropy
+bonus, DESIGN §1.4); an entropy would need the same chunking.
+
+Shapes: B sequences, T tokens, V vocab, D hidden width, N selected tokens, C tokens in one chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+DENSE = 0.0  # `chunk_mb` value that selects the dense reference path
+
+
+def token_logprob_BT(logits_BTV: torch.Tensor, targets_BT: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """The dense reference: log softmax(logits / temperature)[target] in float32 over every position."""
+    logits_BTV = logits_BTV.float()
+    if temperature != 1.0:
+        logits_BTV = logits_BTV / temperature
+    picked_BT = logits_BTV.gather(-1, targets_BT.unsqueeze(-1)).squeeze(-1)
+    return picked_BT - torch.logsumexp(logits_BTV, dim=-1)
+
+
+def chunk_tokens(chunk_mb: float, vocab: int) -> int:
+    """Tokens per chunk so that one chunk's float32 logits take `chunk_mb` MB (1 MB = 1e6 bytes), at least 1."""
+    return max(1, int(chunk_mb * 1e6 // (4 * vocab)))
+
+
+def _chunk_logits_CV(hidden_CD, weight_VD, bias_V, temperature: float) -> torch.Tensor:
+    """float32 logits / temperature of one chunk, computed in the head's dtype as `nn.Linear` would."""
+    logits_CV = F.linear(hidden_CD, weight_VD, bias_V).float()
+    return logits_CV.div_(temperature) if temperature != 1.0 else logits_CV
+
+
+class ChunkedTokenLogprob(torch.autograd.Function):
+    """logprob_N = log softmax(hidden_ND · Wᵀ + b)/τ [targets_N], chunk by chunk; backward recomputes the
+    chunk's logits: d logp_n / d logit_nv = (1[v = target_n] − softmax_nv) / τ."""
+
+    @staticmethod
+    def forward(ctx, hidden_ND, weight_VD, bias_V, targets_N, temperature: float, chunk: int):
+        N = hidden_ND.shape[0]
+        logprob_N = torch.empty(N, dtype=torch.float32, device=hidden_ND.device)
+        lse_N = torch.empty_like(logprob_N)
+        for s in range(0, N, chunk):
+            logits_CV = _chunk_logits_CV(hidden_ND[s:s + chunk], weight_VD, bias_V, temperature)
+            picked_C = logits_CV.gather(-1, targets_N[s:s + chunk, None]).squeeze(-1)
+            max_C = logits_CV.amax(-1)
+            # log-sum-exp in place: the chunk's logits are the only [C,V] buffer alive
+            sum_C = logits_CV.sub_(max_C[:, None]).exp_().sum(-1)
+            lse_N[s:s + chunk] = max_C + sum_C.log()
+            logprob_N[s:s + chunk] = picked_C - lse_N[s:s + chunk]
+        ctx.save_for_backward(hidden_ND, weight_VD, bias_V, targets_N, lse_N)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return logprob_N
+
+    @staticmethod
+    def backward(ctx, grad_N):
+        hidden_ND, weight_VD, bias_V, targets_N, lse_N = ctx.saved_tensors
+        want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        grad_h = torch.empty_like(hidden_ND) if want_h else None
+        grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if want_w else None
+        grad_b = torch.zeros(bias_V.shape, dtype=torch.float32, device=bias_V.device) if want_b else None
+        tau, chunk = ctx.temperature, ctx.chunk
+        for s in range(0, hidden_ND.shape[0], chunk):
+            h_CD, g_C = hidden_ND[s:s + chunk], grad_N[s:s + chunk].float()
+            p_CV = _chunk_logits_CV(h_CD, weight_VD, bias_V, tau).sub_(lse_N[s:s + chunk, None]).exp_()
+            d_CV = p_CV.mul_(-g_C[:, None]).scatter_add_(-1, targets_N[s:s + chunk, None], g_C[:, None])
+            if tau != 1.0:
+                d_CV.div_(tau)
+            d_CV = d_CV.to(weight_VD.dtype)  # the matmuls run in the head's dtype, as nn.Linear's backward does
+            if want_h:
+                grad_h[s:s + chunk] = d_CV @ weight_VD
+            if want_w and grad_w.dtype == d_CV.dtype:  # in place: no [V,D] temporary per chunk
+                grad_w.addmm_(d_CV.t(), h_CD)
+            elif want_w:
+                grad_w += (d_CV.t() @ h_CD).float()
+            if want_b:
+                grad_b += d_CV.float().sum(0)
+        grad_w = None if grad_w is None else grad_w.to(weight_VD.dtype)
+        grad_b = None if grad_b is None else grad_b.to(bias_V.dtype)
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def head_logprob_BT(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, bias_V: torch.Tensor | None,
+                    targets_BT: torch.Tensor, mask_BT: torch.Tensor, temperature: float = 1.0,
+                    chunk_mb: float = 64.0, shift: int = 0) -> torch.Tensor:
+    """out_BT[b, t] = log p(targets_BT[b, t] | hidden_BTD[b, t − shift]) where `mask_BT`, else 0 (no gradient).
+
+    `shift=k` reads depth k's hidden state k positions earlier (the MTP alignment: its raw prediction at
+    t−k scores x_{t+1}); `mask_BT` must be False where t − shift < 0. `chunk_mb=DENSE` (0) runs the dense
+    reference over every position (the bench's and the tests' "old" path)."""
+    mask_BT = mask_BT.bool()
+    b_N, t_N = mask_BT.nonzero(as_tuple=True)
+    if chunk_mb == DENSE:
+        full_BT = token_logprob_BT(F.linear(hidden_BTD, weight_VD, bias_V), targets_BT.roll(-shift, 1), temperature)
+        picked_N = full_BT[b_N, t_N - shift]
+    else:
+        chunk = chunk_tokens(chunk_mb, weight_VD.shape[0])
+        picked_N = ChunkedTokenLogprob.apply(hidden_BTD[b_N, t_N - shift], weight_VD, bias_V, targets_BT[b_N, t_N],
+                                             temperature, chunk)
+    return torch.zeros(mask_BT.shape, dtype=picked_N.dtype, device=picked_N.device).masked_scatter(mask_BT, picked_N)

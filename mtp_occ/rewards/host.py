@@ -1,0 +1,52 @@
+"""The grading host: a clean interpreter that owns the `WorkerPool` for one `GradingPool`.
+
+Started by `GradingPool` as `python -m mtp_occ.rewards.host FD OPTIONS_JSON`, with one end of a socket pair
+as FD. It imports math-verify (so forked workers start warm), answers `("ready", pid)`, then serves requests
+`(op, *args)` one at a time with `("ok", value)` or `("error", message)`, and exits when the caller sends
+None or its end closes (the caller died). Ctrl-C is the caller's business (SIGINT ignored); SLURM's
+USR1/USR2 arrive blocked (see `mtp_occ.preempt.shield_children`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from multiprocessing.connection import Connection
+
+
+def serve(conn: Connection, options: dict) -> None:
+    from mtp_occ.rewards.graders import grade_one
+    from mtp_occ.rewards.pool import WorkerPool
+
+    grade_one("\\boxed{1/2}", "\\frac{1}{2}")  # import + warm math-verify once; workers inherit it
+    pool = WorkerPool(**options)
+    ops = {"grade": pool.grade, "start": lambda: len(pool.start().worker_pids()), "pids": pool.worker_pids}
+    conn.send(("ready", os.getpid()))
+    try:
+        while True:
+            try:
+                request = conn.recv()
+            except (EOFError, OSError):  # the caller is gone
+                return
+            if request is None:
+                return
+            op, *args = request
+            try:
+                reply = ("ok", ops[op](*args))
+            except Exception as e:  # the caller raises it; the host lives on
+                reply = ("error", f"{type(e).__name__}: {e}")
+            conn.send(reply)
+    finally:
+        pool.close()
+
+
+def main(argv: list[str]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    fd, options = int(argv[0]), json.loads(argv[1])
+    serve(Connection(fd), options)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
