@@ -2,6 +2,7 @@
 the derived DeepSpeed config for the paper's 128 GPUs)."""
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,6 @@ def test_report_of_a_fixed_lambda_sweep_takes_occ_from_a_reference_sweep(fixture
 def test_readme_results_are_the_generated_reports():
     """Every `<!-- generated: FILE -->` block of experiments/README.md is FILE as `report.py --readme` splices it."""
     import importlib.util
-    import re
 
     spec = importlib.util.spec_from_file_location("report", REPO / "experiments" / "report.py")
     report = importlib.util.module_from_spec(spec)
@@ -92,3 +92,13 @@ def test_readme_results_are_the_generated_reports():
     assert {f"experiments/out/{e}/report.md" for e in ("e01", "e02", "e03")} <= {f for f, _ in blocks}
     for path, block in blocks:
         assert block == report.generated_block((REPO / path).read_text()), f"{path} differs from its README block"
+
+
+def test_readme_shows_each_experiments_figures_inline():
+    """Each reported experiment's answer has its key figures as markdown images, and every image exists."""
+    readme = (REPO / "experiments" / "README.md").read_text()
+    images = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", readme)
+    for exp in ("e01", "e02", "e03"):
+        assert any(f"out/{exp}/fig_" in path for path in images), f"no inline figure for {exp}"
+    for path in images:
+        assert (REPO / "experiments" / path).is_file(), path
