@@ -6,9 +6,9 @@ so two runs that disagree can be told apart by their files alone. `numerics_key(
 environment that changes floating-point results on CPU; it is part of the pre-trained base's cache key (see
 `mtp_occ.tasks.pretrain`), so a cache shared across machines never hands one machine another's base.
 
-Why those fields: the same commit and seeds give bit-identical runs only for the same library versions,
+Why those fields: the same commit and seeds give bit-identical runs only for the same library versions and
 the same CPU kernel family (torch dispatches its vectorised kernels on the CPU's ISA: AVX2 vs AVX-512 round
-differently) and the same number of intra-op threads (reductions are split per thread). Versions are read
+differently; `mtp_occ/__init__.py` pins AVX2), and in general the same number of intra-op threads. Versions are read
 from package metadata, never by importing the package (vLLM's import alone takes seconds).
 """
 
@@ -74,10 +74,14 @@ def environment() -> dict:
 
 
 def numerics_key() -> dict:
-    """What changes CPU floating-point results for the same code and seeds (see the module docstring)."""
+    """What changes the pre-trained base for the same code and seeds: torch's CPU kernel family (measured:
+    AVX2 vs AVX-512 gives another base) and the versions of the libraries that compute it. Left out because
+    measured not to change it bit for bit: 1 vs 2 intra-op threads (the tiny model's ops stay under
+    torch's parallel grain), transformers 5.19 vs 5.20; kept in: transformers' version anyway (its init
+    and attention code may change between releases)."""
     versions = package_versions()
     return {"torch": versions.get("torch"), "transformers": versions.get("transformers"),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": torch.get_num_threads()}
+            "cpu_capability": torch.backends.cpu.get_cpu_capability()}
 
 
 def _git(*args: str, cwd: Path) -> subprocess.CompletedProcess:

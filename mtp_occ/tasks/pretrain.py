@@ -3,7 +3,8 @@
 next-token CE + `mtp_weight` × mean-over-depths MTP CE on worked solutions (prompt tokens are not
 supervised: they are random numbers). The result is written with `save_model` (HF dir + MiMo-layout MTP
 weights + tokenizer) under `<cache>/bases/<key>/`, where the key hashes everything that determines the
-weights (model shape, task, pre-training config, seed, format version). Jobs that start together wait on a
+weights (model shape, task, pre-training config, seed, format version, and the numerics: torch and
+transformers versions and the CPU kernel family, see `mtp_occ.provenance`). Jobs that start together wait on a
 file lock instead of pre-training the same base several times; a crash mid-way leaves no partial base
 (written to a temp dir, renamed into place).
 """
@@ -29,7 +30,11 @@ FORMAT_VERSION = 1
 
 
 def base_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
-    spec = {"v": FORMAT_VERSION, "model": plain_dict(model_cfg), "seed": seed,
+    """Hash of everything that determines the base's weights, the numerics included (`numerics_key`: a
+    cache shared across machines or library upgrades never hands out a base computed differently)."""
+    from mtp_occ.provenance import numerics_key
+
+    spec = {"v": FORMAT_VERSION, "model": plain_dict(model_cfg), "seed": seed, "numerics": numerics_key(),
             "task": {k: getattr(data_cfg, k) for k in ("n_terms", "min_operand", "max_operand", "heldout_size", "seed")}}
     spec["model"]["pretrain"].pop("cache_dir", None)
     spec["model"].pop("name", None)
