@@ -9,7 +9,11 @@ mini-batch* denominators (so accumulation and data parallelism change nothing bu
 The loop of one update, top to bottom in `rl_update`: global denominators of the mini-batch → its
 micro-batches (`micro_batch_rows`; every rank runs the same number, padding with a masked stand-in) →
 per micro-batch `_micro_step` (forward, `pg_loss + mtp_term`, backward) → one `engine.step`. Anything
-computed once per mini-batch belongs before the micro-batch loop, next to the denominators.
+computed once per mini-batch belongs before the micro-batch loop, next to the denominators: a regime with
+`wants_update_statistics` (OCC's one λ per update) gets `begin_update(sums)`, where `sums` are its
+`statistics` over the whole mini-batch and all ranks from a no-grad forward at the current weights (one
+extra forward, only when the update has more than one micro-batch; with one, λ comes from that
+micro-batch's own forward and nothing extra runs).
 
 With a token budget, `old_logprobs` runs each mini-batch through exactly the micro-batches the update
 will use, so at the first update logp and logp_old come from the same computation on the same tensors.
@@ -80,18 +84,51 @@ def old_logprobs(model: MTPModel, batch: RolloutBatch, algo: AlgoConfig | int, t
     return out_BT
 
 
+def _term_inputs(out, mb: RolloutBatch, old_BT, adv_B, algo: AlgoConfig, denoms: dict, coef_scale: float
+                 ) -> MtpTermInputs:
+    def loss_fn(logprob_BT, mask_BT, denom=None, adv_scale=1.0):
+        adv = adv_B if adv_scale == 1.0 else adv_B * adv_scale
+        return policy_loss(logprob_BT, old_BT, adv, mask_BT, clip_low=algo.clip_low, clip_high=algo.clip_high,
+                           dual_clip=algo.dual_clip, agg=algo.agg, level=algo.level.value, denom=denom,
+                           token_weight_BT=mb.token_weight_BT)
+
+    return MtpTermInputs(out.logprob_BT, old_BT, out.mtp_logprob_KBT, out.mtp_ce_mask_KBT, out.mtp_rl_mask_KBT,
+                         denoms["mtp_tokens"], denoms["mtp"], loss_fn, coef_scale)
+
+
+def _micro_batch(batch: RolloutBatch, mb: RolloutBatch, mb_old, mb_adv, parts: list, i: int, algo: AlgoConfig):
+    """Micro-batch `i` of the mini-batch `mb` as `(part, old, adv)`; past this rank's last one, a masked-out
+    stand-in that keeps the collectives in step."""
+    if i < len(parts):
+        part, cols = cut(mb, parts[i], trim=bool(algo.max_tokens_per_micro_batch))
+        return part, mb_old[parts[i]][:, cols], mb_adv[parts[i]]
+    null = _null_batch(batch)
+    return (null, torch.zeros(null.input_ids_BT.shape, dtype=mb_old.dtype, device=mb_old.device),
+            torch.zeros(1, dtype=mb_adv.dtype, device=mb_adv.device))
+
+
+@torch.no_grad()
+def _update_statistics(model, regime: Regime, batch: RolloutBatch, mb: RolloutBatch, mb_old, mb_adv, parts: list,
+                       n_micro: int, algo: AlgoConfig, denoms: dict, coef_scale: float, temperature: float
+                       ) -> torch.Tensor:
+    """A regime's once-per-update statistic (`regime.statistics`) summed over the mini-batch's micro-batches
+    and all ranks, from a no-grad forward at the current weights (the ones every micro-batch's backward
+    will see): one extra forward of the mini-batch."""
+    total = None
+    for i in range(n_micro):  # the same count on every rank (ZeRO-3 gathers in every forward)
+        part, old, adv = _micro_batch(batch, mb, mb_old, mb_adv, parts, i, algo)
+        out = forward(model, part, algo, temperature, grad_path=regime.grad_path)
+        local = regime.statistics(_term_inputs(out, part, old, adv, algo, denoms, coef_scale)).double().cpu()
+        total = local if total is None else total + local
+    return torch.tensor(sum_floats(total.tolist()), dtype=torch.float64)
+
+
 def _micro_step(model, engine, regime: Regime, mb: RolloutBatch, old_BT, adv_B, algo: AlgoConfig, denoms: dict,
                 coef_scale: float, temperature: float, diag: Decomposition | None, last: bool
                 ) -> tuple[dict[str, float], str | None]:
     out = forward(model, mb, algo, temperature, grad_path=regime.grad_path)
-    def loss_fn(logprob_BT, mask_BT, denom=None):
-        return policy_loss(logprob_BT, old_BT, adv_B, mask_BT, clip_low=algo.clip_low, clip_high=algo.clip_high,
-                           dual_clip=algo.dual_clip, agg=algo.agg, level=algo.level.value, denom=denom,
-                           token_weight_BT=mb.token_weight_BT)
-
-    pg, pg_m = loss_fn(out.logprob_BT, out.loss_mask_BT, denom=denoms["pg"])
-    x = MtpTermInputs(out.logprob_BT, old_BT, out.mtp_logprob_KBT, out.mtp_ce_mask_KBT, out.mtp_rl_mask_KBT,
-                      denoms["mtp_tokens"], denoms["mtp"], loss_fn, coef_scale)
+    x = _term_inputs(out, mb, old_BT, adv_B, algo, denoms, coef_scale)
+    pg, pg_m = x.policy_loss_fn(out.logprob_BT, out.loss_mask_BT, denom=denoms["pg"])
     term = regime.mtp_term(x)
     mtp_term = term.lam * term.loss
     metrics = {"loss/pg": pg.item(), "loss/mtp": mtp_term.item(), **{f"pg/{k}": v for k, v in pg_m.items()},
@@ -165,15 +202,17 @@ def rl_update(model: MTPModel, engine, regime: Regime, batch: RolloutBatch, old_
         parts = micro_batch_rows(mb, algo)
         bad, micro = None, []
         n_micro = max_int(len(parts))  # the same count on every rank
+        if getattr(regime, "wants_update_statistics", False):  # one λ for the whole update (see `regimes.occ`)
+            regime.begin_update(None if n_micro == 1 else _update_statistics(
+                model, regime, batch, mb, mb_old, mb_adv, parts, n_micro, algo, denoms, coef_scale, temperature),
+                coef_scale)
         for i in range(n_micro):
-            if i < len(parts):
-                part, cols = cut(mb, parts[i], trim=bool(algo.max_tokens_per_micro_batch))
-                old, adv = mb_old[parts[i]][:, cols], mb_adv[parts[i]]
-            else:  # this rank has no rows left: a masked-out stand-in keeps the collectives in step
-                part, old, adv = _null_batch(batch), old_BT[:1], adv_B[:1]
+            part, old, adv = _micro_batch(batch, mb, mb_old, mb_adv, parts, i, algo)
             m, b = _micro_step(model, engine, regime, part, old, adv, algo, denoms, coef_scale, temperature, diag,
                                last=i == n_micro - 1)
             bad, micro = bad or b, micro + [m] if i < len(parts) else micro
+        if getattr(regime, "wants_update_statistics", False):
+            regime.begin_update(None)
         bad = bad if not max_int(bad is not None) else (bad or "remote")  # every rank skips together
         norm, mtp_norm, applied = engine.step(finite=bad is None, before_clip=diag.measure if diag else None)
         merged = _merge_micro(micro)

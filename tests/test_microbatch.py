@@ -10,7 +10,7 @@ from mtp_occ.microbatch import cut, micro_batch_rows, token_budget_rows
 from mtp_occ.model.load import build_tiny
 from mtp_occ.regimes import build_regime
 from mtp_occ.rollout.hf import RolloutBatch
-from mtp_occ.update import old_logprobs, rl_update
+from mtp_occ.update import minibatch_rows, old_logprobs, rl_update
 
 V = 23
 
@@ -127,3 +127,42 @@ def test_packing_refuses_an_attention_that_cannot_separate_sequences():
     batch, _ = _batch()
     with pytest.raises(ConfigError, match="algo.pack_sequences"):
         old_logprobs(model, batch, cfg.algo, 1.0)
+
+
+def _run_occ(extra, monkeypatch=None):
+    """Two occ updates of 4 rows with logp_old perturbed, so λ is well away from 0 at both."""
+    cfg = compose(["regime=occ", "algo.prompts_per_step=4", "algo.group_size=2", "algo.updates_per_step=2",
+                   "algo.lr=1e-9", *extra])
+    model = _model()
+    batch, adv = _batch()
+    old = old_logprobs(model, batch, cfg.algo, 1.0)
+    old = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1))
+    engine = RecordingEngine(model, cfg)
+    res = rl_update(model, engine, build_regime(cfg.regime), batch, old, adv, cfg.algo,
+                    coef_scale=1.0, temperature=1.0, group_size=2)
+    return cfg, res.metrics, engine.grads
+
+
+@pytest.mark.parametrize("extra", [["algo.micro_batch_size=3"], BUDGET, [*BUDGET, "algo.pack_sequences=true"]])
+def test_occ_lambda_is_one_per_update_whatever_the_micro_batches(extra, monkeypatch):
+    import mtp_occ.update as update
+
+    real = update._update_statistics
+    monkeypatch.setattr(update, "_update_statistics", None)  # one micro-batch: no extra pass may run
+    _, ref_m, ref_g = _run_occ([])
+    monkeypatch.setattr(update, "_update_statistics", real)
+    cfg, new_m, new_g = _run_occ(extra)
+    for rows in minibatch_rows(4, 2, 2):
+        assert len(micro_batch_rows(_batch()[0].select(rows), cfg.algo)) > 1  # the case really accumulates
+    assert abs(ref_m["occ/lambda"]) > 0.05
+    for k in ("occ/lambda", "occ/c_hat", "occ/v2_hat", "loss/mtp", "loss/pg"):
+        assert new_m[k] == pytest.approx(ref_m[k], rel=1e-4, abs=1e-7), k
+    assert len(ref_g) == len(new_g) == 2
+    for gr, gn in zip(ref_g, new_g, strict=True):
+        for k in gr:
+            assert torch.allclose(gn[k], gr[k], atol=1e-6, rtol=1e-4), k
+    # the released code's per-micro-batch λ does depend on the micro-batches
+    _, micro_m, micro_g = _run_occ([*extra, "regime.lambda_per=micro_batch"])
+    _, micro_ref_m, _ = _run_occ(["regime.lambda_per=micro_batch"])
+    assert micro_ref_m["occ/lambda"] == pytest.approx(ref_m["occ/lambda"], rel=1e-6)  # one micro-batch: the same
+    assert abs(micro_m["loss/mtp"] - ref_m["loss/mtp"]) > 1e-3 * abs(ref_m["loss/mtp"])

@@ -21,8 +21,8 @@ def _inputs(coef_scale=1.0, same_as_old=False):
     mtp_mask[:, :, 1] = False
     adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
 
-    def fn(lp, m, denom=None):
-        return policy_loss(lp, old, adv, m, denom=denom)
+    def fn(lp, m, denom=None, adv_scale=1.0):
+        return policy_loss(lp, old, adv * adv_scale, m, denom=denom)
 
     x = MtpTermInputs(logprob_BT=logp, old_logprob_BT=old, mtp_logprob_KBT=mtp, mtp_ce_mask_KBT=mtp_mask,
                       mtp_rl_mask_KBT=mtp_mask, mtp_tokens_K=[float(mtp_mask[0].sum())],
@@ -72,6 +72,55 @@ def test_occ_clamp_and_ema_state():
     again = build_regime(cfg)
     again.load_state_dict(state)
     assert again.mtp_term(_inputs()).lam == regime.mtp_term(_inputs()).lam
+
+
+def _negative_lambda_inputs():
+    """δ_RL and δ_MTP of opposite signs (λ < 0), MTP log-ratios of ±0.5 (outside the clip range)."""
+    x = _inputs()
+    sign = torch.where(torch.arange(x.old_logprob_BT.numel()).view_as(x.old_logprob_BT) % 2 == 0, 1.0, -1.0)
+    x.logprob_BT = (x.old_logprob_BT - 0.05 * sign).requires_grad_(True)
+    x.mtp_logprob_KBT = (x.old_logprob_BT + 0.5 * sign).unsqueeze(0).requires_grad_(True)
+    return x
+
+
+def test_occ_compat_scales_the_advantages_and_occ_the_loss():
+    x = _negative_lambda_inputs()
+    old, adv, mask = x.old_logprob_BT, torch.tensor([1.0, -1.0, 0.5, -0.5]), x.mtp_rl_mask_KBT[0]
+    denom = x.mtp_denom_K[0]
+    compat = build_regime(REGIME_CONFIGS["occ_compat"]).mtp_term(x)
+    lam = compat.lam
+    assert lam < 0 and compat.metrics["mtp/lambda"] == lam
+    l_scaled_adv = policy_loss(x.mtp_logprob_KBT[0], old, lam * adv, mask, denom=denom)[0]  # L(λ·A)
+    l_scaled_loss = lam * policy_loss(x.mtp_logprob_KBT[0], old, adv, mask, denom=denom)[0]  # λ·L(A)
+    assert abs((l_scaled_adv - l_scaled_loss).item()) > 0.1 * abs(l_scaled_loss.item())  # they clip differently
+    assert compat.value.item() == pytest.approx(l_scaled_adv.item(), rel=1e-6)
+    occ = build_regime(REGIME_CONFIGS["occ"]).mtp_term(_negative_lambda_inputs())
+    ref = occ.lam * policy_loss(x.mtp_logprob_KBT[0], old, adv, mask, denom=denom)[0]
+    assert occ.lam < 0 and occ.value.item() == pytest.approx(ref.item(), rel=1e-6)
+    # λ ≥ 0: the two forms agree (the clipped surrogate is positively homogeneous in A)
+    pos = build_regime(REGIME_CONFIGS["occ_compat"]).mtp_term(_inputs())
+    assert pos.lam > 0
+    assert pos.value.item() == pytest.approx(
+        policy_loss(_inputs().mtp_logprob_KBT[0], old, pos.lam * adv, mask, denom=denom)[0].item(), rel=1e-6)
+
+
+def test_occ_one_lambda_per_update_fixes_lambda_and_steps_the_ema_once():
+    from mtp_occ.rl.occ import occ_ratio
+
+    cfg = compose(["regime=occ", "regime.ema=0.5"]).regime
+    assert cfg.lambda_per.value == "update" and REGIME_CONFIGS["occ_compat"].lambda_per.value == "micro_batch"
+    x = _inputs()
+    regime = build_regime(cfg)
+    assert regime.wants_update_statistics
+    sums = regime.statistics(x)
+    regime.begin_update(sums * 2.0, coef_scale=0.5)  # e.g. two halves of a mini-batch, summed
+    expect = 0.5 * occ_ratio(sums * 2.0)[0]
+    lams = [regime.mtp_term(_inputs()).lam for _ in range(3)]  # three micro-batches
+    assert lams == [pytest.approx(expect)] * 3 and regime.ema_lambda == pytest.approx(expect)
+    regime.begin_update(None)  # back to λ from each call's own inputs
+    assert regime.mtp_term(_inputs()).lam == pytest.approx(0.5 * expect + 0.5 * occ_ratio(sums)[0])
+    per_micro = build_regime(compose(["regime=occ", "regime.lambda_per=micro_batch"]).regime)
+    assert not per_micro.wants_update_statistics
 
 
 @pytest.mark.parametrize("name, p, expected", [

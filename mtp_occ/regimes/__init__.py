@@ -8,6 +8,12 @@ defines a `RegimeConfig` subclass with a `build()` method and calls `register(..
 `regime=<name>` on the command line and the contract tests (parametrised over `REGIME_CONFIGS`) pick it
 up automatically.
 
+A regime whose statistic must be formed once per optimizer update (OCC's λ over the whole mini-batch)
+also defines `wants_update_statistics` (True), `statistics(x)` (additive local sums for one micro-batch)
+and `begin_update(sums, coef_scale)`; `mtp_occ.update.rl_update` calls `begin_update` before each update
+with the sums over the mini-batch and all ranks (or `None` when the update is one micro-batch, whose own
+inputs then give the statistic) and `begin_update(None)` after it.
+
 | regime        | MTP loss                         | grad_path            | λ                         |
 |---------------|----------------------------------|----------------------|---------------------------|
 | detach        | token CE on the rollout tokens   | none                 | lam (trains the head only)|
@@ -15,7 +21,7 @@ up automatically.
 | ce            | token CE                         | all                  | lam × schedule            |
 | policy        | the main head's clipped loss     | all                  | lam × schedule            |
 | occ           | the main head's clipped loss     | all                  | λ₊ × schedule × ĉ/(v̂²+ε)  |
-| occ_compat    | as occ, unmasked mean of ratios  | all                  | λ₊ = 0.1                  |
+| occ_compat    | as occ, L(λ·A), see `occ`        | all                  | λ₊ = 0.1, unmasked mean of ratios per micro-batch |
 """
 
 from __future__ import annotations
@@ -43,9 +49,10 @@ def register(node: RegimeConfig) -> RegimeConfig:
 class MtpTermInputs:
     """Everything a regime may use for one (micro-)batch. Shapes: B sequences, T tokens, K depths.
 
-    `policy_loss_fn(logprob_BT, mask_BT)` is the main head's clipped loss with old log-probs,
-    advantages, clipping, aggregation and the mini-batch denominator already bound; regimes call it with
-    the MTP log-probs so the MTP term is *the same* loss as the main head's."""
+    `policy_loss_fn(logprob_BT, mask_BT, denom=None, adv_scale=1.0)` is the main head's clipped loss with
+    old log-probs, advantages (times `adv_scale`), clipping, aggregation and the mini-batch denominator
+    already bound; regimes call it with the MTP log-probs so the MTP term is *the same* loss as the main
+    head's."""
 
     logprob_BT: torch.Tensor  # main head, current policy (with grad)
     old_logprob_BT: torch.Tensor  # main head at rollout time
@@ -91,12 +98,14 @@ def mtp_ce(x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:
     return mean_ce, {"mtp/ce": float(mean_ce.detach())}
 
 
-def mtp_policy_loss(x: MtpTermInputs) -> tuple[torch.Tensor, dict[str, float]]:
+def mtp_policy_loss(x: MtpTermInputs, adv_scale: float = 1.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The main head's clipped policy loss evaluated with each depth's log-prob in place of logp
-    (importance ratio exp(logp_mtp − logp_old_main)), averaged over depths."""
+    (importance ratio exp(logp_mtp − logp_old_main)), averaged over depths; `adv_scale` multiplies the
+    advantages (passed on only when it is not 1)."""
     losses, clipfracs = [], []
+    kw = {} if adv_scale == 1.0 else {"adv_scale": adv_scale}
     for k in range(x.mtp_logprob_KBT.shape[0]):
-        loss, m = x.policy_loss_fn(x.mtp_logprob_KBT[k], x.mtp_rl_mask_KBT[k], denom=x.mtp_denom_K[k])
+        loss, m = x.policy_loss_fn(x.mtp_logprob_KBT[k], x.mtp_rl_mask_KBT[k], denom=x.mtp_denom_K[k], **kw)
         losses.append(loss)
         clipfracs.append(m["clipfrac"])
     loss = torch.stack(losses).mean()

@@ -2,11 +2,29 @@
 λ_t = λ₊ · schedule · ĉ/(v̂² + ε), estimated per optimizer update from log-prob deltas over valid response
 tokens (see `mtp_occ.rl.occ`). λ can be negative (λ* ∝ c/v² is); `clamp` bounds |λ| and `ema` smooths it.
 
-With gradient accumulation (`algo.micro_batch_size` smaller than the mini-batch) ĉ and v̂² come from each
-micro-batch alone, as in verl-based implementations; with the default (no accumulation) they come from
-the whole mini-batch as in the paper. Only depth 1 enters the estimate; every depth gets the same λ.
+`lambda_per` says over what λ (and its EMA) is estimated:
+- `update` (default): one λ per optimizer update, from the whole mini-batch on every rank, as the paper
+  defines it; gradient accumulation (`algo.micro_batch_size`, `algo.max_tokens_per_micro_batch`) then
+  changes nothing. With one micro-batch per mini-batch λ comes from that micro-batch's own forward; with
+  several, `rl_update` first runs a no-grad forward (main and MTP heads) over the mini-batch's
+  micro-batches and hands the summed, all-reduced sums to `begin_update` (λ must be known before the
+  first micro-batch's backward). That pass costs about one extra forward of the mini-batch, roughly a
+  third of its forward + backward, and only runs when the update accumulates.
+  Under `masked=False` the response slice is that of the tensors each micro-batch holds, so a token
+  budget (which trims all-padding columns) still changes that estimator's denominator.
+- `micro_batch`: ĉ and v̂² from each micro-batch alone and the EMA stepped per micro-batch, as the
+  released (verl-based) code does.
+Only depth 1 enters the estimate; every depth gets the same λ.
 
-`occ_compat` reproduces the released code: unmasked mean of per-token ratios, λ₊ = 0.1."""
+`lambda_on` says where λ enters the loss. `occ` uses `loss`: λ·L_MTP(A), the paper's L_RL + λ·L_MTP,
+whose gradient is λ·g_MTP along a direction that does not depend on λ, the quantity c/v² calibrates.
+`advantages` is the released code's L_MTP(λ·A): the clipped surrogate is positively homogeneous in A,
+so this equals λ·L_MTP(A) for λ ≥ 0 but |λ|·L_MTP(−A) for λ < 0, which clips on the other side of the
+trust region. It is implemented exactly as `MtpTerm(loss = s·L_MTP(s·A), lam = λ)` with s = sign(λ), so
+`lam · loss` is L_MTP(λ·A) and `lam` stays the signed λ.
+
+`occ_compat` reproduces the released code: unmasked mean of per-token ratios over the response slice,
+λ₊ = 0.1, λ per micro-batch, λ scaling the advantages."""
 
 from __future__ import annotations
 
@@ -19,7 +37,17 @@ import torch
 
 from mtp_occ.config import RegimeConfig, require
 from mtp_occ.regimes import MtpTerm, MtpTermInputs, mtp_ce, mtp_policy_loss, register
-from mtp_occ.rl.occ import occ_coefficient
+from mtp_occ.rl.occ import POSITIONS, VALID, all_reduce_sum_, occ_ratio, occ_sums
+
+
+class LambdaPer(str, Enum):
+    update = "update"  # one λ per optimizer update over the whole mini-batch (the paper)
+    micro_batch = "micro_batch"  # one λ per micro-batch (the released code)
+
+
+class LambdaOn(str, Enum):
+    loss = "loss"  # λ·L_MTP(A) (the paper)
+    advantages = "advantages"  # L_MTP(λ·A) (the released code)
 
 
 class Estimator(str, Enum):
@@ -34,7 +62,9 @@ class OccConfig(RegimeConfig):
     name: str = "occ"
     lambda_plus: float = 1.0  # λ₊: scale on the calibrated ratio (paper: 1.0)
     estimator: Estimator = Estimator.ratio_of_sums
-    masked: bool = True  # False: average over padding too (the released code)
+    masked: bool = True  # False: average over the response slice, padding included (the released code)
+    lambda_per: LambdaPer = LambdaPer.update
+    lambda_on: LambdaOn = LambdaOn.loss
     eps: float = 1e-8
     clamp: float = 0.0  # |λ| <= clamp; 0 = no clamp
     ema: float = 0.0  # λ ← ema·λ_prev + (1−ema)·λ_t; 0 = off (state is checkpointed)
@@ -54,13 +84,41 @@ class OccRegime:
     def __init__(self, cfg: OccConfig):
         self.cfg, self.grad_path = cfg, cfg.grad_path
         self.ema_lambda: float | None = None
+        self._update: tuple[float, dict[str, float]] | None = None  # (λ, metrics) fixed for this update
+
+    @property
+    def wants_update_statistics(self) -> bool:
+        """True when λ is one per update: `rl_update` then calls `begin_update` before each update."""
+        return self.cfg.lambda_per is LambdaPer.update
+
+    def statistics(self, x: MtpTermInputs) -> torch.Tensor:
+        """This (micro-)batch's local `occ_sums` (depth 1); sums over micro-batches and ranks add up."""
+        return occ_sums(x.logprob_BT, x.mtp_logprob_KBT[0], x.old_logprob_BT, x.mtp_rl_mask_KBT[0],
+                        self.cfg.eps, slice_mask_BT=x.mtp_ce_mask_KBT[0])
+
+    def begin_update(self, sums: torch.Tensor | None, coef_scale: float = 1.0) -> None:
+        """Fix λ for the coming update from the mini-batch's summed (all-ranks) `statistics`; `None`
+        (one micro-batch: λ comes from its own forward) clears it."""
+        if sums is None:
+            self._update = None
+            return
+        valid_frac = float(sums[VALID]) / max(float(sums[POSITIONS]), 1.0)
+        self._update = self._lambda(occ_ratio(sums, self.cfg.estimator.value, self.cfg.masked, self.cfg.eps),
+                                    coef_scale, valid_frac)
 
     def coefficient(self, x: MtpTermInputs) -> tuple[float, dict[str, float]]:
+        if self._update is not None:
+            return self._update[0], dict(self._update[1])
+        sums = all_reduce_sum_(self.statistics(x).to(x.logprob_BT.device)).cpu()
+        valid_frac = float(x.mtp_rl_mask_KBT[0].float().mean())
+        return self._lambda(occ_ratio(sums, self.cfg.estimator.value, self.cfg.masked, self.cfg.eps),
+                            x.coef_scale, valid_frac)
+
+    def _lambda(self, estimate: tuple[float, float, float], coef_scale: float, valid_frac: float
+                ) -> tuple[float, dict[str, float]]:
         c = self.cfg
-        mask_BT = x.mtp_rl_mask_KBT[0]
-        ratio, c_hat, v2_hat = occ_coefficient(x.logprob_BT, x.mtp_logprob_KBT[0], x.old_logprob_BT, mask_BT,
-                                               estimator=c.estimator.value, masked=c.masked, eps=c.eps)
-        lam = c.lambda_plus * x.coef_scale * ratio
+        ratio, c_hat, v2_hat = estimate
+        lam = c.lambda_plus * coef_scale * ratio
         if not math.isfinite(lam):  # only reachable with inf/nan log-probs; the loop counts the fault
             lam = 0.0
         if c.clamp > 0:
@@ -68,13 +126,14 @@ class OccRegime:
         if c.ema > 0:
             lam = lam if self.ema_lambda is None else c.ema * self.ema_lambda + (1 - c.ema) * lam
             self.ema_lambda = lam
-        valid_frac = float(mask_BT.float().mean())
         return lam, {"occ/lambda": lam, "occ/ratio": ratio, "occ/c_hat": c_hat, "occ/v2_hat": v2_hat,
                      "occ/valid_frac": valid_frac}
 
     def mtp_term(self, x: MtpTermInputs) -> MtpTerm:
         lam, metrics = self.coefficient(x)
-        loss, m = mtp_policy_loss(x)
+        sign = -1.0 if self.cfg.lambda_on is LambdaOn.advantages and lam < 0 else 1.0
+        loss, m = mtp_policy_loss(x, adv_scale=sign)
+        loss = sign * loss
         with torch.no_grad():
             metrics.update(mtp_ce(x)[1])
         return MtpTerm(loss, lam, {**metrics, **m, "mtp/lambda": lam})
@@ -87,4 +146,5 @@ class OccRegime:
 
 
 register(OccConfig())
-register(OccConfig(name="occ_compat", lambda_plus=0.1, estimator=Estimator.mean_of_ratios, masked=False))
+register(OccConfig(name="occ_compat", lambda_plus=0.1, estimator=Estimator.mean_of_ratios, masked=False,
+                   lambda_per=LambdaPer.micro_batch, lambda_on=LambdaOn.advantages))

@@ -5,9 +5,14 @@ Log-prob tensors are *prediction-aligned*: index t holds log π(x_{t+1} | x_{≤
 where x_{t+1} is a response token (so the last index is always 0).
 
 Departures from the references, all deliberate:
-- The log-ratio is clamped to ±20 before `exp` (as verl does) so an MTP head whose log-prob is far from
-  the main head's `logp_old` cannot overflow; gradients through a clamped entry are zero.
-- Dual clip applies to the token-level loss only (GSPO's sequence ratio is already tightly clipped).
+- Token level: the log-ratio is clamped to ±20 before `exp` (as verl's vanilla loss does) so an MTP head
+  whose log-prob is far from the main head's `logp_old` cannot overflow; gradients through a clamped
+  entry are zero. Sequence level (GSPO) matches verl's `compute_policy_loss_gspo`: the *raw* token
+  log-ratios are averaged over the sequence and only the combined log-ratio is clamped, at 10.
+- Dual clip applies to the token-level loss only (as in verl; GSPO's sequence ratio is tightly clipped).
+- An all-equal group gets exactly zero advantage (float32 rounding of the group mean would otherwise
+  leave ~1e-8, which the std of ~0 plus eps turns into ~0.06).
+- `overlong_penalty`'s `factor` is in verl's DAPO units (scores ±1); see its docstring.
 - `denom` lets gradient accumulation normalise every micro-batch by the whole mini-batch's count, so
   accumulated micro-batches give exactly the mini-batch loss.
 
@@ -22,14 +27,15 @@ import torch
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
 LEVELS = ("token", "sequence")
-_MAX_LOG_RATIO = 20.0
+_MAX_LOG_RATIO = 20.0  # token level (verl's vanilla loss)
+_MAX_SEQ_LOG_RATIO = 10.0  # sequence level (verl's GSPO)
 
 
 def group_advantages(rewards_B: torch.Tensor, group_size: int, norm_std: bool = True,
                      eps: float = 1e-6) -> torch.Tensor:
     """GRPO outcome advantages. Consecutive blocks of `group_size` rows form a group;
     returns `(r - group mean) / (group std + eps)` with the unbiased std (as verl and TRL), or only
-    `r - group mean` when `norm_std=False` (Dr. GRPO)."""
+    `r - group mean` when `norm_std=False` (Dr. GRPO). A group whose rewards are all equal gets exactly 0."""
     if rewards_B.ndim != 1 or rewards_B.numel() % group_size != 0:
         raise ValueError(f"rewards_B must be 1-D with a multiple of group_size={group_size} rows, "
                          f"got shape {tuple(rewards_B.shape)}")
@@ -39,7 +45,8 @@ def group_advantages(rewards_B: torch.Tensor, group_size: int, norm_std: bool = 
     centred_GN = r_GN - r_GN.mean(dim=1, keepdim=True)
     if norm_std:
         centred_GN = centred_GN / (r_GN.std(dim=1, unbiased=True, keepdim=True) + eps)
-    return centred_GN.reshape(-1)
+    constant_G1 = (r_GN.max(dim=1, keepdim=True).values == r_GN.min(dim=1, keepdim=True).values)
+    return centred_GN.masked_fill(constant_G1, 0.0).reshape(-1)
 
 
 def loss_denominator(mask_BT: torch.Tensor, agg: str) -> float:
@@ -78,7 +85,8 @@ def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
 def _sequence_log_ratio_BT(log_ratio_BT: torch.Tensor, logprob_BT: torch.Tensor,
                            mask_BT: torch.Tensor) -> torch.Tensor:
     """GSPO: s_i = exp(mean_t log r_{i,t}) as the value, with the token-level gradient
-    s_i · ∇log π_{i,t} / |y_i| (the stop-gradient construction of the GSPO paper)."""
+    s_i · ∇log π_{i,t} / |y_i| (the stop-gradient construction of the GSPO paper). `log_ratio_BT` is the
+    raw (unclamped) token log-ratio, as verl averages it; the caller clamps the result."""
     mask_BT = mask_BT.to(log_ratio_BT.dtype)
     seq_log_ratio_B = (log_ratio_BT * mask_BT).sum(dim=1) / mask_BT.sum(dim=1).clamp(min=1.0)
     return seq_log_ratio_B.detach().unsqueeze(1) + logprob_BT - logprob_BT.detach()
@@ -98,9 +106,11 @@ def policy_loss(logprob_BT: torch.Tensor, old_logprob_BT: torch.Tensor, adv_B: t
     `token_weight_BT` multiplies the per-token loss (e.g. truncated importance weights for vLLM rollouts)."""
     if level not in LEVELS:
         raise ValueError(f"level must be one of {LEVELS}, got {level!r}")
-    log_ratio_BT = (logprob_BT - old_logprob_BT).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
-    if level == "sequence":
-        log_ratio_BT = _sequence_log_ratio_BT(log_ratio_BT, logprob_BT, mask_BT).clamp(max=_MAX_LOG_RATIO)
+    if level == "sequence":  # verl: mean of the raw token log-ratios, then clamp the sequence one at 10
+        log_ratio_BT = _sequence_log_ratio_BT(logprob_BT - old_logprob_BT, logprob_BT, mask_BT
+                                              ).clamp(max=_MAX_SEQ_LOG_RATIO)
+    else:
+        log_ratio_BT = (logprob_BT - old_logprob_BT).clamp(-_MAX_LOG_RATIO, _MAX_LOG_RATIO)
     ratio_BT = torch.exp(log_ratio_BT)
     adv_BT = adv_B.to(ratio_BT.dtype).unsqueeze(1)
     unclipped_BT = -adv_BT * ratio_BT
@@ -127,14 +137,21 @@ def policy_loss(logprob_BT: torch.Tensor, old_logprob_BT: torch.Tensor, adv_B: t
     return loss, metrics
 
 
-def overlong_penalty(lengths_B: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0) -> torch.Tensor:
-    """DAPO soft overlong punishment, added to the reward: 0 up to `max_len − buffer` tokens, then a
-    linear ramp to −factor at `max_len`, and −factor beyond."""
+def overlong_penalty(lengths_B: torch.Tensor, max_len: int, buffer: int, factor: float = 1.0,
+                     score_span: float = 1.0) -> torch.Tensor:
+    """DAPO soft overlong punishment, added to the score: 0 up to `max_len − buffer` tokens, then a
+    linear ramp to −factor·score_span/2 at `max_len`, and that beyond.
+
+    `factor` is in verl's DAPO units, where a score is +1 or −1 (correct − wrong = 2) and the penalty
+    ramps to −factor. `score_span` is correct − wrong in the scores this penalty is added to: our graders
+    score 1/0 (span 1), so the penalty ramps to −factor/2 and the reward is exactly half of verl's
+    ±1 + penalty, shifted by a constant. Group-normalised advantages (`norm_std=True`) then equal verl's;
+    with `norm_std=False` they are half of verl's, the same factor as for the scores themselves."""
     if buffer <= 0:
         return torch.zeros_like(lengths_B, dtype=torch.float32)
     expected = max_len - buffer
     over_B = (lengths_B.float() - expected).clamp(min=0.0)
-    return -(over_B / buffer).clamp(max=1.0) * factor
+    return -(over_B / buffer).clamp(max=1.0) * (factor * score_span / 2.0)
 
 
 def dynamic_sampling_keep_G(rewards_B: torch.Tensor, group_size: int) -> torch.Tensor:
