@@ -7,8 +7,9 @@ that use them. Entry points: `python -m mtp_occ.run` (train, then evaluate), `py
 CPU kernels are pinned to the AVX2 family on x86-64 (before torch is imported; `MTP_OCC_CPU_KERNELS=native`
 keeps the machine's own). The same commit and seeds give bit-identical runs only with the same kernels:
 torch dispatches its vectorised CPU kernels on the CPU's ISA, and AVX-512 rounds differently from AVX2, which
-the embedded task's pre-training amplifies into a different base model (held-out avg@4 50.5 with AVX-512 vs
-52.5 with AVX2 on one machine, same commit and versions). Every x86-64 CPU of the last decade has AVX2, so
+the embedded task's pre-training amplifies into a different base model (held-out avg@4 on one AVX-512 machine,
+same commit and versions: 50.5 with its native kernels, 52.5 with torch's kernels on AVX2, 52.2 with MKL and
+oneDNN on AVX2 too). Every x86-64 CPU of the last decade has AVX2, so
 pinning it makes the embedded default reproduce across machines; the cost on the tiny model is within noise,
 and on GPU runs the CPU kernels do not matter. A run dir records what was used (`run.json` env.torch).
 """

@@ -45,6 +45,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny sizes, 1 round, TRL skipped unless --with-trl")
     p.add_argument("--with-trl", action="store_true", help="run the TRL peer in --quick mode too")
     p.add_argument("--with-vllm", action="store_true", help="run the vLLM CPU-build rollout section in --quick mode too")
+    p.add_argument("--vllm-only", action="store_true",
+                   help="only the vLLM CPU-build rollout section, merged into an existing --out")
     p.add_argument("--no-trl", action="store_true", help="skip the TRL peer")
     p.add_argument("--rounds", type=int, help="interleaved regime rounds (after warm-up)")
     p.add_argument("--trl-cycles", type=int, help="TRL generation cycles (the first is warm-up)")
@@ -86,19 +88,19 @@ def run_trl(args, cfgs, base, tok, prompts, stop_at: float) -> dict:
         return {"error": f"{type(e).__name__}: {e}"[:500]}
 
 
-def _memory_only(args, machine: dict, t0: float) -> dict:
-    """Section 6 alone, its keys merged into the results file at `--out` (when it exists) and its table."""
-    mem = bench_memory(args.quick)
+def _one_section(args, machine: dict, t0: float, name: str, flat: dict, details: dict) -> dict:
+    """One section's figures merged into the results file at `--out` (when it exists) and its table; the
+    other figures stay as they were (from their own, earlier run: compare ratios within a section only)."""
     res = json.loads(args.out.read_text()) if args.out.exists() else {}
-    res.update(mem["flat"])
-    res.setdefault("details", {})["memory"] = mem["details"]
-    res.setdefault("machine_memory_section", machine)
+    res.update(flat)
+    res.setdefault("details", {})[name] = details
+    res[f"machine_{name}_section"] = machine
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(res, indent=1, default=str))
     if "regimes" in res["details"]:
         write_markdown(res, args.out.with_suffix(".md"))
-    print(json.dumps(mem["flat"], indent=1))
-    print(f"\n[bench] memory section {perf_counter() - t0:.0f} s; wrote {args.out}")
+    print(json.dumps(flat, indent=1))
+    print(f"\n[bench] {name} section {perf_counter() - t0:.0f} s; wrote {args.out}")
     return res
 
 
@@ -113,7 +115,12 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     t0, machine = perf_counter(), machine_info()
     if args.memory_only:
-        return _memory_only(args, machine, t0)
+        mem = bench_memory(args.quick)
+        return _one_section(args, machine, t0, "memory", mem["flat"], mem["details"])
+    if args.vllm_only:
+        vllm_cpu = bench_vllm_cpu(args.overrides)
+        return _one_section(args, machine, t0, "rollout_vllm_cpu", {"vllm_cpu_over_hf": vllm_cpu.get("vllm_over_hf")},
+                            vllm_cpu)
     if args.gpu_only:
         res = {"machine": machine, "gpu": bench_gpu(args.overrides + args.gpu_override),
                "bench_seconds": perf_counter() - t0}
