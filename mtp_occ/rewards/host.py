@@ -21,6 +21,9 @@ def serve(conn: Connection, options: dict) -> None:
     from mtp_occ.rewards.pool import WorkerPool
 
     grade_one("\\boxed{1/2}", "\\frac{1}{2}")  # import + warm math-verify once; workers inherit it
+    # A forked worker must not keep the caller's socket open: if the host is killed, the caller has to see
+    # EOF at once (and not wait on a worker that holds a copy of the host's end).
+    os.register_at_fork(after_in_child=conn.close)
     pool = WorkerPool(**options)
     ops = {"grade": pool.grade, "start": lambda: len(pool.start().worker_pids()), "pids": pool.worker_pids}
     conn.send(("ready", os.getpid()))
