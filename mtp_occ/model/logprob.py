@@ -105,10 +105,14 @@ def head_logprob_BT(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, bias_V: t
 
     `shift=k` reads depth k's hidden state k positions earlier (the MTP alignment: its raw prediction at
     t−k scores x_{t+1}); `mask_BT` must be False where t − shift < 0. `chunk_mb=DENSE` (0) runs the dense
-    reference over every position (the bench's and the tests' "old" path)."""
+    reference over every position (the bench's and the tests' "old" path).
+
+    Under ZeRO-3 (a partitioned head weight, `ds_id`) the dense path runs: the chunked backward recomputes
+    logits from the weight, which ZeRO-3 has released again by then. Gathering it inside that backward is
+    not implemented yet, so ZeRO-3 runs do not get the chunked path's memory saving."""
     mask_BT = mask_BT.bool()
     b_N, t_N = mask_BT.nonzero(as_tuple=True)
-    if chunk_mb == DENSE:
+    if chunk_mb == DENSE or hasattr(weight_VD, "ds_id"):
         full_BT = token_logprob_BT(F.linear(hidden_BTD, weight_VD, bias_V), targets_BT.roll(-shift, 1), temperature)
         picked_N = full_BT[b_N, t_N - shift]
     else:

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_occ.config import ConcatOrder, GradPathConfig
-from mtp_occ.model.logprob import head_logprob_BT, token_logprob_BT  # noqa: F401 (the dense reference)
+from mtp_occ.model.logprob import head_logprob_BT, token_logprob_BT
 from mtp_occ.model.packing import packed_aligned_masks
 
 ALL_PATHS = GradPathConfig(embedding=True, backbone=True, lm_head=True)
@@ -161,7 +161,11 @@ class MTPModel(nn.Module):
         loss_BT, ce_mask_KBT, rl_mask_KBT = (packed_aligned_masks(pos_BT, response_mask_BT, self.depth) if packed
                                              else aligned_masks(attention_mask_BT, response_mask_BT, self.depth))
         targets_BT = shift_left_BT(input_ids_BT, 1)  # every depth's aligned index t scores x_{t+1}
-        logprob_BT = head_logprob_BT(h_BTD, head.weight, head.bias, targets_BT, loss_BT, temperature, logprob_chunk_mb)
+        if hasattr(head.weight, "ds_id"):  # ZeRO-3: the head module's forward gathers its weight (dense path)
+            logprob_BT = torch.where(loss_BT, token_logprob_BT(head(h_BTD), targets_BT, temperature), 0.0)
+        else:
+            logprob_BT = head_logprob_BT(h_BTD, head.weight, head.bias, targets_BT, loss_BT, temperature,
+                                         logprob_chunk_mb)
         if not with_mtp:
             empty = logprob_BT.new_zeros((0,) + tuple(logprob_BT.shape))
             return MTPOutput(logprob_BT, empty, loss_BT, ce_mask_KBT[:0], rl_mask_KBT[:0], logprob_BT.new_zeros(0))
