@@ -6,8 +6,9 @@ the same global batch:
 - each rank generates rollouts for its contiguous block of the step's prompts (groups stay whole), and
   sampling is batch-independent (`mtp_occ.rollout.sampling`), so the union of the ranks' rollouts is the
   single-process batch;
-- mini-batch u holds the groups g ≡ u (mod updates_per_step) on every rank, so each global mini-batch
-  is the single-process one, split evenly;
+- mini-batch u holds the groups whose step-global index is ≡ u (mod updates_per_step), so each global
+  mini-batch is the single-process one (`mtp_occ.update.minibatch_rows`; a rank with fewer groups than
+  updates has empty shares of some mini-batches and runs masked stand-ins for them);
 - loss normalisers (token / sequence counts) are all-reduced, so each rank's loss is its share of the
   global mini-batch loss and the *summed* gradients are the global gradient;
 - OCC's ĉ and v̂² are all-reduced (`mtp_occ.rl.occ`), so every rank uses one λ;

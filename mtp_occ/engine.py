@@ -129,7 +129,7 @@ class DeepSpeedEngine:
         import deepspeed
 
         self.model, self.stage = model, cfg.deepspeed.stage
-        if self.stage == 3:
+        if self.stage == 3:  # read outside their modules (MTP inputs, chunked log-probs): gathered for the model
             for p in (model.lm.get_input_embeddings().weight, model.lm.get_output_embeddings().weight):
                 deepspeed.zero.register_external_parameter(model, p)
         opt = _adamw(model, cfg)

@@ -16,7 +16,8 @@ Estimates and their sources (1 GB = 1e9 bytes throughout):
   optimizer; stage 1 partitions the optimizer, 2 also the gradients, 3 also the parameters, over the world
   size); without DeepSpeed, AdamW on `model.dtype` weights: params, grads and two moments in that dtype.
 - ZeRO-3 gathered: the embedding and the LM head are external parameters of the root module (the MTP
-  layers read them, `mtp_occ.engine`), so they stay gathered for the whole forward, plus one decoder block
+  layers and the chunked log-probs read them, `mtp_occ.engine`), so they stay gathered for the whole forward
+  and backward (ZeRO-3's hooks on the root module's outputs re-gather them), plus one decoder block
   and DeepSpeed's default prefetch bucket (5e7 parameters).
 - Activations per token and decoder layer, in the model's dtype (bf16: 2 bytes): the RMSNorms' float32
   input and output (6h each), q, k, v and the attention output that flash-attention saves (2(h + 2·kv) +

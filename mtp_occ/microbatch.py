@@ -60,7 +60,10 @@ def token_budget_rows(attention_mask_BT: torch.Tensor, budget: int, packed: bool
 
 def micro_batch_rows(batch: RolloutBatch, algo: AlgoConfig) -> list[torch.Tensor]:
     """Row indices (into `batch`) of each micro-batch: by token budget when one is set, else
-    `micro_batch_size` consecutive rows (0 = all rows at once)."""
+    `micro_batch_size` consecutive rows (0 = all rows at once). An empty batch has no micro-batches (a
+    rank whose share of a mini-batch is empty; the caller keeps the collectives in step)."""
+    if len(batch) == 0:
+        return []
     if algo.max_tokens_per_micro_batch:
         return token_budget_rows(batch.attention_mask_BT, algo.max_tokens_per_micro_batch, algo.pack_sequences,
                                  algo.micro_batch_size)

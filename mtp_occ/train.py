@@ -223,12 +223,13 @@ def train(cfg: Config, overrides: list[str]) -> dict:
                 if not max_int(rollouts is None):  # dynamic sampling kept nothing somewhere: every rank skips
                     batch, reward_B = rollouts
                     adv_B = group_advantages(reward_B, cfg.algo.group_size, cfg.algo.norm_std, cfg.algo.adv_eps).to(d.device)
-                    old_BT = old_logprobs(model, batch, cfg.algo, cfg.rollout.temperature)
+                    first_group = d.rank * (cfg.algo.prompts_per_step // d.world)  # this rank's block of groups
+                    old_BT = old_logprobs(model, batch, cfg.algo, cfg.rollout.temperature, first_group)
                     metrics.update(correct_rollout_mismatch(batch, old_BT, cfg.rollout.tis_cap))
                     t2 = time.perf_counter()
                     res = rl_update(model, engine, regime, batch, old_BT, adv_B, cfg.algo,
                                     coef_scale=coef((step - 1) / cfg.steps), temperature=cfg.rollout.temperature,
-                                    group_size=cfg.algo.group_size,
+                                    group_size=cfg.algo.group_size, first_group=first_group,
                                     diagnose=bool(cfg.diagnostics.every) and step % cfg.diagnostics.every == 0)
                     metrics.update(res.metrics)
                     faults += res.skipped

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from mtp_occ.config import AlgoConfig
-from mtp_occ.dist import max_int, sum_floats
+from mtp_occ.dist import SUMMED, max_int, sum_floats
 from mtp_occ.microbatch import check_packing, cut, forward, micro_batch_rows
 from mtp_occ.model.mtp import MTPModel
 from mtp_occ.regimes import MtpTermInputs, Regime
@@ -49,26 +49,31 @@ class UpdateResult:
     bad_term: str | None  # which term was non-finite in the last skipped update
 
 
-def minibatch_rows(n_groups: int, group_size: int, updates: int) -> list[torch.Tensor]:
-    """Row indices of each mini-batch: mini-batch u holds the groups g ≡ u (mod updates). Prompts are
-    already drawn in random order, and the stride rule makes the global mini-batches identical for any
-    number of data-parallel ranks (each rank holds a contiguous block of groups)."""
+def minibatch_rows(n_groups: int, group_size: int, updates: int, first_group: int = 0) -> list[torch.Tensor]:
+    """Row indices of each mini-batch: mini-batch u holds the groups whose *step-global* index
+    `first_group + g` is ≡ u (mod updates), g the local group index. Each rank holds a contiguous block of
+    the step's groups starting at `first_group` (rank × prompts per rank), so the global mini-batches are
+    the single-process ones for any number of ranks, even when a rank holds fewer groups than `updates`
+    (its other mini-batches are empty there; `rl_update` runs masked stand-ins for them). Prompts are
+    already drawn in random order, so the stride mixes nothing the sampler has not."""
     groups = torch.arange(n_groups)
-    return [(groups[u::updates].unsqueeze(1) * group_size + torch.arange(group_size)).reshape(-1)
-            for u in range(updates)]
+    return [(groups[(u - first_group) % updates::updates].unsqueeze(1) * group_size
+             + torch.arange(group_size)).reshape(-1) for u in range(updates)]
 
 
 @torch.no_grad()
-def old_logprobs(model: MTPModel, batch: RolloutBatch, algo: AlgoConfig | int, temperature: float) -> torch.Tensor:
+def old_logprobs(model: MTPModel, batch: RolloutBatch, algo: AlgoConfig | int, temperature: float,
+                 first_group: int = 0) -> torch.Tensor:
     """log π_old of every sampled token, recomputed by the trainer's own forward (main head only). `algo` as
-    an int is a micro-batch row count (the rows of the whole batch in order, no budget, no packing)."""
+    an int is a micro-batch row count (the rows of the whole batch in order, no budget, no packing);
+    `first_group` as in `minibatch_rows`."""
     algo = algo if isinstance(algo, AlgoConfig) else AlgoConfig(micro_batch_size=algo)
     check_packing(model, algo)
     was = model.training
     model.eval()
     out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32, device=batch.input_ids_BT.device)
     if algo.max_tokens_per_micro_batch:  # the update's own mini-batches and micro-batches
-        blocks = minibatch_rows(len(batch) // algo.group_size, algo.group_size, algo.updates_per_step)
+        blocks = minibatch_rows(len(batch) // algo.group_size, algo.group_size, algo.updates_per_step, first_group)
     else:
         blocks = [torch.arange(len(batch))]
     parts = [blk[r] for blk in blocks for r in micro_batch_rows(batch.select(blk), algo)]
@@ -155,9 +160,9 @@ def clip_grads(model: MTPModel, max_norm: float) -> tuple[float, float]:
 
 
 def _merge_micro(micro: list[dict[str, float]]) -> dict[str, float]:
-    """Losses are already normalised by the mini-batch, so they add up; everything else is averaged."""
+    """Losses (`SUMMED`) are already normalised by the mini-batch, so they add up; everything else is averaged."""
     keys = {k for m in micro for k in m}
-    return {k: sum(m.get(k, 0.0) for m in micro) if k.startswith("loss/")
+    return {k: sum(m.get(k, 0.0) for m in micro) if k.startswith(SUMMED)
             else sum(m[k] for m in micro if k in m) / sum(k in m for m in micro) for k in keys}
 
 
@@ -183,9 +188,9 @@ def _null_batch(like: RolloutBatch) -> RolloutBatch:
 
 def rl_update(model: MTPModel, engine, regime: Regime, batch: RolloutBatch, old_BT: torch.Tensor,
               adv_B: torch.Tensor, algo: AlgoConfig, *, coef_scale: float, temperature: float,
-              group_size: int, diagnose: bool = False) -> UpdateResult:
+              group_size: int, first_group: int = 0, diagnose: bool = False) -> UpdateResult:
     """All mini-batch updates of one RL step through `engine` (`mtp_occ.engine`); returns metrics averaged
-    over updates. With `diagnose`, also the exact decomposition (`diag/*`), averaged over the updates
+    over the updates that had rows on this rank (`first_group` as in `minibatch_rows`). With `diagnose`, also the exact decomposition (`diag/*`), averaged over the updates
     after the first (at the first, logp == logp_old, so the proxy ĉ is 0 by construction)."""
     sums: dict[str, float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
@@ -193,7 +198,7 @@ def rl_update(model: MTPModel, engine, regime: Regime, batch: RolloutBatch, old_
     model.train()
     check_packing(model, algo)
     shared = [p for p in model.lm.parameters() if p.requires_grad]
-    updates = minibatch_rows(len(batch) // group_size, group_size, algo.updates_per_step)
+    updates = minibatch_rows(len(batch) // group_size, group_size, algo.updates_per_step, first_group)
     for u, rows in enumerate(updates):
         mb, mb_old, mb_adv = batch.select(rows), old_BT[rows], adv_B[rows]
         diag = Decomposition(shared) if diagnose and (u > 0 or len(updates) == 1) else None
@@ -222,6 +227,8 @@ def rl_update(model: MTPModel, engine, regime: Regime, batch: RolloutBatch, old_
             counts[k] += 1
         if not applied:
             skipped, bad_term = skipped + 1, bad or "gradient"
-    metrics = {k: sums[k] / counts[k] for k in sums}
+    # a rank's loss shares (`SUMMED`) are averaged over all updates, so that their sum over ranks is the
+    # single-process mean even where this rank's share of an update was empty; the rest over its own updates
+    metrics = {k: sums[k] / (len(updates) if k.startswith(SUMMED) else counts[k]) for k in sums}
     metrics["fault/skipped_updates"] = float(skipped)
     return UpdateResult(metrics, skipped, bad_term)

@@ -15,12 +15,12 @@ EXACT = ("reward/mean", "reward/acc", "occ/lambda", "occ/c_hat", "occ/v2_hat", "
 CLOSE = ("loss/pg", "loss/mtp", "mtp/ce", "grad/norm", "grad/mtp_norm")  # per-rank token means (clipfrac, kl) are averaged, not exact
 
 
-def _run(tmp_path: Path, nproc: int, regime: str) -> list[dict]:
+def _run(tmp_path: Path, nproc: int, regime: str, *extra: str) -> list[dict]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port",
                 str(29500 + os.getpid() % 1000 + nproc)] if nproc > 1 else [sys.executable]
     root = tmp_path / f"np{nproc}"
     p = subprocess.run([*launcher, "-m", "mtp_occ.run", *TINY, "steps=3", "eval.enabled=false", f"regime={regime}",
-                        f"run_root={root}", "name=dp"], cwd=REPO, capture_output=True, text=True, timeout=600,
+                        f"run_root={root}", "name=dp", *extra], cwd=REPO, capture_output=True, text=True, timeout=600,
                        env={**os.environ, "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"})
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
     return [json.loads(line) for line in (root / "dp" / "metrics.jsonl").read_text().splitlines()]
@@ -31,6 +31,18 @@ def _run(tmp_path: Path, nproc: int, regime: str) -> list[dict]:
 def test_two_processes_match_one(tmp_path, regime):
     one, two = _run(tmp_path, 1, regime), _run(tmp_path, 2, regime)
     assert [r["step"] for r in one] == [r["step"] for r in two] == [1, 2, 3]
+    for a, b in zip(one, two, strict=True):
+        for k in EXACT + CLOSE:
+            if k in a:
+                assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6), (a["step"], k)
+
+
+@pytest.mark.slow
+def test_one_group_per_rank_still_fills_every_update(tmp_path):
+    """2 prompts, 2 updates, 2 ranks: each rank holds one group, which belongs to update 0 on rank 0 and to
+    update 1 on rank 1 (a rank-local stride would put both in update 0 and leave update 1 empty)."""
+    extra = ("algo.prompts_per_step=2", "algo.updates_per_step=2")
+    one, two = _run(tmp_path, 1, "occ", *extra), _run(tmp_path, 2, "occ", *extra)
     for a, b in zip(one, two, strict=True):
         for k in EXACT + CLOSE:
             if k in a:

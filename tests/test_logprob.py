@@ -69,6 +69,20 @@ def test_a_detached_head_weight_gets_no_gradient_and_the_hidden_state_does():
     assert w.grad is None and h.grad is not None and h.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("chunk_mb", [DENSE, 1e-4])
+def test_weight_grad_false_stops_the_weight_and_bias_gradient_but_not_the_hidden_one(chunk_mb):
+    """The form the model uses for `grad_path.lm_head=false` (the parameter itself, so ZeRO-3 can re-gather
+    it in backward): same values and hidden-state gradient as the detached view, no weight/bias gradient."""
+    h, w, b, targets, mask, coef = _head_case(bias=True)
+    out = head_logprob_BT(h, w, b, targets, mask, 0.7, chunk_mb, shift=1, weight_grad=False)
+    (out * coef).sum().backward()
+    assert w.grad is None and b.grad is None
+    h_grad, h.grad = h.grad.clone(), None
+    ref = head_logprob_BT(h, w.detach(), b.detach(), targets, mask, 0.7, chunk_mb, shift=1)
+    (ref * coef).sum().backward()
+    assert torch.equal(out, ref) and torch.allclose(h_grad, h.grad, atol=1e-6)
+
+
 def test_gradcheck_in_float64():
     g = torch.Generator().manual_seed(3)
     h = torch.randn(7, 5, dtype=torch.float64, generator=g, requires_grad=True)
@@ -137,12 +151,10 @@ def test_packed_equals_padded_with_gradients(attn_impl):
         ids_1N, resp_1N, pos_1N = pack_rows(attn, ids, resp)
         out = model(ids_1N, torch.ones_like(ids_1N), resp_1N, position_ids_BT=pos_1N)
         # every packed output mapped back to the padded layout
-        out.logprob_BT = unpack_rows(out.logprob_BT, attn)
-        out.mtp_logprob_KBT = torch.stack([unpack_rows(x[None], attn) for x in out.mtp_logprob_KBT])
-        for f in ("loss_mask_BT", "mtp_ce_mask_KBT", "mtp_rl_mask_KBT"):
-            x = getattr(out, f)
-            setattr(out, f, unpack_rows(x, attn) if x.dim() == 2 else torch.stack([unpack_rows(m[None], attn) for m in x]))
-        return out
+        def back(x):
+            return unpack_rows(x, attn) if x.dim() == 2 else torch.stack([unpack_rows(m[None], attn) for m in x])
+        return out._replace(**{f: back(getattr(out, f)) for f in ("logprob_BT", "mtp_logprob_KBT", "loss_mask_BT",
+                                                                "mtp_ce_mask_KBT", "mtp_rl_mask_KBT")})
 
     new, new_g = _model_grads(model, packed)
     for f in ("loss_mask_BT", "mtp_ce_mask_KBT", "mtp_rl_mask_KBT"):
@@ -168,3 +180,14 @@ def test_packed_sequences_never_see_each_other():
     for x, y in ((a.logprob_BT[0], b.logprob_BT[0]), (a.mtp_logprob_KBT[:, 0], b.mtp_logprob_KBT[:, 0])):
         assert torch.allclose(x[..., other], y[..., other], atol=1e-6)
         assert not torch.allclose(x[..., ~other], y[..., ~other])
+
+
+def test_a_released_zero3_weight_in_backward_is_an_error_not_a_wrong_recompute():
+    """ZeRO-3 keeps an empty partition in `.data` between gathers; recomputing from it must fail loudly."""
+    from types import SimpleNamespace
+
+    h, w, _, targets, mask, coef = _head_case()
+    out = head_logprob_BT(h, w, None, targets, mask, 1.0, 1e-4)
+    w.ds_id, w.ds_status = 0, SimpleNamespace(name="NOT_AVAILABLE")  # what ZeRO-3 leaves after a release
+    with pytest.raises(RuntimeError, match="external parameter"):
+        (out * coef).sum().backward()

@@ -4,7 +4,7 @@ same old log-probs) as one big padded batch."""
 import pytest
 import torch
 
-from mtp_occ.config import ConcatOrder, ConfigError, ModelConfig, compose
+from mtp_occ.config import AlgoConfig, ConcatOrder, ConfigError, ModelConfig, compose
 from mtp_occ.engine import TorchEngine
 from mtp_occ.microbatch import cut, micro_batch_rows, token_budget_rows
 from mtp_occ.model.load import build_tiny
@@ -155,7 +155,7 @@ def test_occ_lambda_is_one_per_update_whatever_the_micro_batches(extra, monkeypa
     for rows in minibatch_rows(4, 2, 2):
         assert len(micro_batch_rows(_batch()[0].select(rows), cfg.algo)) > 1  # the case really accumulates
     assert abs(ref_m["occ/lambda"]) > 0.05
-    for k in ("occ/lambda", "occ/c_hat", "occ/v2_hat", "loss/mtp", "loss/pg"):
+    for k in ("occ/lambda", "occ/c_hat", "occ/v2_hat", "loss/mtp", "loss/pg", "mtp/ce"):
         assert new_m[k] == pytest.approx(ref_m[k], rel=1e-4, abs=1e-7), k
     assert len(ref_g) == len(new_g) == 2
     for gr, gn in zip(ref_g, new_g, strict=True):
@@ -166,3 +166,25 @@ def test_occ_lambda_is_one_per_update_whatever_the_micro_batches(extra, monkeypa
     _, micro_ref_m, _ = _run_occ(["regime.lambda_per=micro_batch"])
     assert micro_ref_m["occ/lambda"] == pytest.approx(ref_m["occ/lambda"], rel=1e-6)  # one micro-batch: the same
     assert abs(micro_m["loss/mtp"] - ref_m["loss/mtp"]) > 1e-3 * abs(ref_m["loss/mtp"])
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6, 12])
+def test_mini_batches_are_the_single_process_ones_for_any_world_size(world):
+    """Each rank holds a contiguous block of the step's groups; the union over ranks of update u's groups
+    must be the single-process update u, also when a rank holds fewer groups than there are updates."""
+    n_global, G, updates = 12, 3, 4
+    single = [set((rows // G).tolist()) for rows in minibatch_rows(n_global, G, updates)]
+    share = n_global // world
+    union = [set() for _ in range(updates)]
+    for r in range(world):
+        for u, rows in enumerate(minibatch_rows(share, G, updates, first_group=r * share)):
+            assert torch.equal(rows.view(-1, G) % G, torch.arange(G).expand(len(rows) // G, G))  # whole groups
+            union[u] |= {r * share + g for g in (rows // G).tolist()}
+    assert union == single == [{u, u + 4, u + 8} for u in range(updates)]
+
+
+def test_an_empty_share_of_a_mini_batch_has_no_micro_batches():
+    batch, _ = _batch()
+    empty = batch.select(torch.arange(0))
+    for algo in (AlgoConfig(), AlgoConfig(micro_batch_size=2), AlgoConfig(max_tokens_per_micro_batch=64)):
+        assert micro_batch_rows(empty, algo) == []

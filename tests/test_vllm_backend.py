@@ -235,7 +235,8 @@ def test_mimo_mtp_layers_read_the_pre_norm_hidden_state(tmp_path):
 
     from mtp_occ.config import ModelSource, MtpInit
     from mtp_occ.model.load import attach_mtp, load_pretrained, ours_to_mimo_key, save_model
-    from mtp_occ.model.mtp import shift_left_BT, token_logprob_BT
+    from mtp_occ.model.logprob import token_logprob_BT
+    from mtp_occ.model.mtp import shift_left_BT
 
     cfg = Qwen2Config(vocab_size=40, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                       num_key_value_heads=2, tie_word_embeddings=False)

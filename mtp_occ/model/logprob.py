@@ -18,6 +18,15 @@ embedded task) and a 151,680-token vocabulary in ~110 tokens per chunk at the de
 gradient is accumulated over chunks in float32 and cast once. No entropy is computed anywhere (no entropy
 bonus, DESIGN §1.4); an entropy would need the same chunking.
 
+ZeRO-3: the head weight is partitioned and whole only while a module that owns or registered it runs.
+The engine registers it as an external parameter of `MTPModel`, whose forward computes these log-probs,
+and `MTPOutput` is a NamedTuple, so ZeRO-3's pre-backward hook on the model's outputs gathers it again
+before this backward recomputes a chunk (the schedule DeepSpeed's own `LinearFunctionForZeroStage3`
+relies on); the full-shape weight gradient is then reduce-scattered by ZeRO-3's gradient hook as any
+other. A released weight in backward is an error, not a silent wrong recompute. A head whose weight must
+get no gradient (`grad_path.lm_head=false`) is passed as the parameter itself with `weight_grad=False`,
+not as a detached view, which would hold a second reference to the whole gathered [V,D] tensor.
+
 Shapes: B sequences, T tokens, V vocab, D hidden width, N selected tokens, C tokens in one chunk.
 """
 
@@ -49,12 +58,23 @@ def _chunk_logits_CV(hidden_CD, weight_VD, bias_V, temperature: float) -> torch.
     return logits_CV.div_(temperature) if temperature != 1.0 else logits_CV
 
 
+def _check_whole(weight_VD: torch.Tensor) -> None:
+    """Backward recomputes logits from the weight: under ZeRO-3 it must be gathered (see the module
+    docstring) or the recompute would read an empty partition."""
+    if hasattr(weight_VD, "ds_id") and weight_VD.ds_status.name == "NOT_AVAILABLE":
+        raise RuntimeError("the chunked log-prob backward found the ZeRO-3 head weight released: the model must "
+                           "register it as an external parameter and return its outputs in a tuple, list or "
+                           "dict, so that ZeRO-3's pre-backward hook gathers it (see mtp_occ.model.MTPOutput)")
+
+
 class ChunkedTokenLogprob(torch.autograd.Function):
     """logprob_N = log softmax(hidden_ND · Wᵀ + b)/τ [targets_N], chunk by chunk; backward recomputes the
-    chunk's logits: d logp_n / d logit_nv = (1[v = target_n] − softmax_nv) / τ."""
+    chunk's logits: d logp_n / d logit_nv = (1[v = target_n] − softmax_nv) / τ. `weight_grad=False`: the
+    weight and bias get no gradient even when they require one (a head detached from this loss)."""
 
     @staticmethod
-    def forward(ctx, hidden_ND, weight_VD, bias_V, targets_N, temperature: float, chunk: int):
+    def forward(ctx, hidden_ND, weight_VD, bias_V, targets_N, temperature: float, chunk: int,
+                weight_grad: bool = True):
         N = hidden_ND.shape[0]
         logprob_N = torch.empty(N, dtype=torch.float32, device=hidden_ND.device)
         lse_N = torch.empty_like(logprob_N)
@@ -67,13 +87,21 @@ class ChunkedTokenLogprob(torch.autograd.Function):
             lse_N[s:s + chunk] = max_C + sum_C.log()
             logprob_N[s:s + chunk] = picked_C - lse_N[s:s + chunk]
         ctx.save_for_backward(hidden_ND, weight_VD, bias_V, targets_N, lse_N)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.weight_grad = temperature, chunk, weight_grad
         return logprob_N
 
     @staticmethod
     def backward(ctx, grad_N):
         hidden_ND, weight_VD, bias_V, targets_N, lse_N = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
+        want_w, want_b = want_w and ctx.weight_grad, want_b and ctx.weight_grad
+        _check_whole(weight_VD)
+        grads = ChunkedTokenLogprob._backward(ctx, grad_N, hidden_ND, weight_VD, bias_V, targets_N, lse_N,
+                                              want_h, want_w, want_b)
+        return (*grads, None, None, None, None)
+
+    @staticmethod
+    def _backward(ctx, grad_N, hidden_ND, weight_VD, bias_V, targets_N, lse_N, want_h, want_w, want_b):
         grad_h = torch.empty_like(hidden_ND) if want_h else None
         grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if want_w else None
         grad_b = torch.zeros(bias_V.shape, dtype=torch.float32, device=bias_V.device) if want_b else None
@@ -95,28 +123,27 @@ class ChunkedTokenLogprob(torch.autograd.Function):
                 grad_b += d_CV.float().sum(0)
         grad_w = None if grad_w is None else grad_w.to(weight_VD.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias_V.dtype)
-        return grad_h, grad_w, grad_b, None, None, None
+        return grad_h, grad_w, grad_b
 
 
 def head_logprob_BT(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, bias_V: torch.Tensor | None,
                     targets_BT: torch.Tensor, mask_BT: torch.Tensor, temperature: float = 1.0,
-                    chunk_mb: float = 64.0, shift: int = 0) -> torch.Tensor:
+                    chunk_mb: float = 64.0, shift: int = 0, weight_grad: bool = True) -> torch.Tensor:
     """out_BT[b, t] = log p(targets_BT[b, t] | hidden_BTD[b, t − shift]) where `mask_BT`, else 0 (no gradient).
 
     `shift=k` reads depth k's hidden state k positions earlier (the MTP alignment: its raw prediction at
     t−k scores x_{t+1}); `mask_BT` must be False where t − shift < 0. `chunk_mb=DENSE` (0) runs the dense
-    reference over every position (the bench's and the tests' "old" path).
-
-    Under ZeRO-3 (a partitioned head weight, `ds_id`) the dense path runs: the chunked backward recomputes
-    logits from the weight, which ZeRO-3 has released again by then. Gathering it inside that backward is
-    not implemented yet, so ZeRO-3 runs do not get the chunked path's memory saving."""
+    reference over every position (the bench's and the tests' "old" path). `weight_grad=False`: no gradient
+    reaches the weight and bias (the head is detached from this term) while the hidden states still get one."""
     mask_BT = mask_BT.bool()
     b_N, t_N = mask_BT.nonzero(as_tuple=True)
-    if chunk_mb == DENSE or hasattr(weight_VD, "ds_id"):
+    if chunk_mb == DENSE:
+        if not weight_grad:
+            weight_VD, bias_V = weight_VD.detach(), None if bias_V is None else bias_V.detach()
         full_BT = token_logprob_BT(F.linear(hidden_BTD, weight_VD, bias_V), targets_BT.roll(-shift, 1), temperature)
         picked_N = full_BT[b_N, t_N - shift]
     else:
         chunk = chunk_tokens(chunk_mb, weight_VD.shape[0])
         picked_N = ChunkedTokenLogprob.apply(hidden_BTD[b_N, t_N - shift], weight_VD, bias_V, targets_BT[b_N, t_N],
-                                             temperature, chunk)
+                                             temperature, chunk, weight_grad)
     return torch.zeros(mask_BT.shape, dtype=picked_N.dtype, device=picked_N.device).masked_scatter(mask_BT, picked_N)

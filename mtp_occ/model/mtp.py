@@ -33,14 +33,14 @@ way. Models with tied embeddings share one tensor between `embedding` and `lm_he
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mtp_occ.config import ConcatOrder, GradPathConfig
-from mtp_occ.model.logprob import head_logprob_BT, token_logprob_BT
+from mtp_occ.model.logprob import head_logprob_BT
 from mtp_occ.model.packing import packed_aligned_masks
 
 ALL_PATHS = GradPathConfig(embedding=True, backbone=True, lm_head=True)
@@ -75,8 +75,11 @@ def aligned_masks(attention_mask_BT: torch.Tensor, response_mask_BT: torch.Tenso
     return loss_BT, torch.stack(ce), torch.stack(rl)
 
 
-@dataclass
-class MTPOutput:
+class MTPOutput(NamedTuple):
+    """A NamedTuple, not a dataclass: ZeRO-3 attaches its pre-backward hook (which gathers the model's
+    external parameters, the head weight among them, for the chunked log-prob backward) only to tensors
+    it finds in tuples, lists and dicts."""
+
     logprob_BT: torch.Tensor
     mtp_logprob_KBT: torch.Tensor
     loss_mask_BT: torch.Tensor
@@ -161,11 +164,8 @@ class MTPModel(nn.Module):
         loss_BT, ce_mask_KBT, rl_mask_KBT = (packed_aligned_masks(pos_BT, response_mask_BT, self.depth) if packed
                                              else aligned_masks(attention_mask_BT, response_mask_BT, self.depth))
         targets_BT = shift_left_BT(input_ids_BT, 1)  # every depth's aligned index t scores x_{t+1}
-        if hasattr(head.weight, "ds_id"):  # ZeRO-3: the head module's forward gathers its weight (dense path)
-            logprob_BT = torch.where(loss_BT, token_logprob_BT(head(h_BTD), targets_BT, temperature), 0.0)
-        else:
-            logprob_BT = head_logprob_BT(h_BTD, head.weight, head.bias, targets_BT, loss_BT, temperature,
-                                         logprob_chunk_mb)
+        logprob_BT = head_logprob_BT(h_BTD, head.weight, head.bias, targets_BT, loss_BT, temperature,
+                                     logprob_chunk_mb)
         if not with_mtp:
             empty = logprob_BT.new_zeros((0,) + tuple(logprob_BT.shape))
             return MTPOutput(logprob_BT, empty, loss_BT, ce_mask_KBT[:0], rl_mask_KBT[:0], logprob_BT.new_zeros(0))
@@ -173,8 +173,6 @@ class MTPModel(nn.Module):
                                     past_key_values=None, position_ids=pos_BT)
         rope = backbone.rotary_emb(h_BTD, position_ids=pos_BT)
         emb_w = backbone.embed_tokens.weight if grad_path.embedding else backbone.embed_tokens.weight.detach()
-        head_w = head.weight if grad_path.lm_head else head.weight.detach()
-        head_b = None if head.bias is None else (head.bias if grad_path.lm_head else head.bias.detach())
         h_prev = pre_norm[-1] if pre_norm else h_BTD
         h_prev = h_prev if grad_path.backbone else h_prev.detach()
         mtp_lp, ces = [], []
@@ -182,8 +180,8 @@ class MTPModel(nn.Module):
             e_BTD = F.embedding(shift_left_BT(input_ids_BT, k), emb_w)
             h_prev = layer(h_prev, e_BTD, mask4d, pos_BT, rope)
             # depth k's raw prediction at t−k scores x_{t+1}: read there, only where the CE mask selects it
-            aligned_BT = head_logprob_BT(h_prev, head_w, head_b, targets_BT, ce_mask_KBT[k - 1], temperature,
-                                         logprob_chunk_mb, shift=k)
+            aligned_BT = head_logprob_BT(h_prev, head.weight, head.bias, targets_BT, ce_mask_KBT[k - 1],
+                                         temperature, logprob_chunk_mb, shift=k, weight_grad=grad_path.lm_head)
             mtp_lp.append(aligned_BT)
             m = ce_mask_KBT[k - 1].to(aligned_BT.dtype)
             ces.append(-(aligned_BT * m).sum() / m.sum().clamp(min=1.0))
