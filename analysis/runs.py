@@ -8,8 +8,10 @@ Every loader returns the same long shape: one row per (run, step, metric) with t
 flattened into columns (`CONFIG_COLUMNS`), so a table or figure is a groupby away. Sources, in order
 of trust:
 
-  1. run dirs (`load_run_dirs`, `eval_frame`): `metrics.jsonl` is written and fsynced before wandb sees
-     a number (`mtp_occ.log`), and only run dirs hold the evaluation's confidence intervals.
+  1. run dirs (`load_run_dirs`, `eval_frame` for every run dir under a root; `load_metrics`,
+     `load_evals` for chosen ones, as `experiments/report.py` picks them): `metrics.jsonl` is written and
+     fsynced before wandb sees a number (`mtp_occ.log`), and only run dirs hold the evaluation's
+     confidence intervals. File names are `mtp_occ.rundir`'s.
   2. wandb offline files (`load_wandb_offline`): `wandb.Api()` cannot read them and wandb 0.31 writes no
      config or summary JSON offline, so we ask wandb's own reader, `wandb leet inspect --json`
      (history records) and `--summary --json` (config, name, state). Several attempts of one run id
@@ -20,9 +22,11 @@ of trust:
 sweeps share a name. `sweep` is the run dir's parent directory name (for wandb runs whose files are not
 inside a run dir: the wandb group). `status` is run.json's status, or the wandb state (finished,
 failed, crashed, running) for wandb sources. Eval lines may share a step with training lines; a metric
-logged twice at one step keeps its last value. Also here, shared by tables and figures: the paper's
-orders (`sort_regimes`, `sort_benchmarks`) and `main_config_runs`, each regime's main configuration.
-Never imports torch; wandb only inside the functions that need it.
+logged twice at one step keeps its last value. Also here, shared by tables, figures and reports: the
+paper's orders (`sort_regimes`, `sort_benchmarks`), `config_key_columns` (what tells runs of one regime
+apart: its coefficient, from the regime's own `coef_keys`, and the schedule) and `main_config_runs`, each
+regime's main configuration. Importing this never imports torch; wandb only inside the functions that
+need it, and torch only when `config_key_columns` asks `mtp_occ.regimes` for a regime's coefficient.
 """
 
 from __future__ import annotations
@@ -39,10 +43,12 @@ from typing import Any
 import pandas as pd
 import yaml
 
-from mtp_occ.log import METRICS_FILE, RUN_FILE, read_metrics
+from mtp_occ.log import read_metrics, read_run_json
+from mtp_occ.rundir import EVAL_DIR, METRICS_FILE, SUMMARY_FILE, WANDB_DIR, RunDir
 
-CONFIG_COLUMNS = ["sweep", "regime", "coef_schedule", "seed", "model", "lam", "lambda_plus", "status"]
-CONFIG_KEYS = ["lam", "lambda_plus", "coef_schedule"]  # what distinguishes runs of one regime
+COEF_COLUMNS = ["lam", "lambda_plus"]  # the regimes' coefficient keys (regime.lam, regime.lambda_plus)
+COEF_LABELS = {"lam": "λ", "lambda_plus": "λ₊"}
+CONFIG_COLUMNS = ["sweep", "regime", "coef_schedule", "seed", "model", *COEF_COLUMNS, "status"]
 METRIC_COLUMNS = ["run", "step", "metric", "value"]
 EVAL_COLUMNS = ["run", "step", "benchmark", "stat", "value"]
 _EVAL_METRIC = re.compile(r"^eval/(?P<benchmark>[^/]+)/(?P<stat>[^/]+)$")
@@ -82,6 +88,22 @@ def config_columns(config: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def coefficient_columns(regime: Any) -> list[str]:
+    """The columns holding `regime`'s coefficient: the keys the regime itself declares
+    (`mtp_occ.regimes.coefficient_keys`: `lam` for policy, `lambda_plus` for occ, none for a regime this
+    code does not know) that are frame columns."""
+    from mtp_occ.regimes import coefficient_keys
+
+    keys = coefficient_keys(regime) if isinstance(regime, str) else ()
+    return [k for k in keys if k in COEF_COLUMNS]
+
+
+def config_key_columns(regime: Any) -> list[str]:
+    """The columns that tell runs of `regime` apart: its coefficient, then `coef_schedule`. A key the
+    regime ignores (occ's `lam`) splits nothing."""
+    return [*coefficient_columns(regime), "coef_schedule"]
+
+
 def _find_key(tree: Any, key: str) -> Any:
     """`regime.lambda_plus` today; also found if a regime nests it (e.g. `regime.occ.lambda_plus`)."""
     if isinstance(tree, dict):
@@ -107,7 +129,7 @@ def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
     out = pd.concat(frames, ignore_index=True)
     out["value"] = out["value"].astype(float)
     out["seed"] = pd.to_numeric(out["seed"]).astype("Int64")
-    out[["lam", "lambda_plus"]] = out[["lam", "lambda_plus"]].apply(pd.to_numeric).astype(float)
+    out[COEF_COLUMNS] = out[COEF_COLUMNS].apply(pd.to_numeric).astype(float)
     return out.sort_values(["run", "step"] if "metric" not in out else ["run", "metric", "step"],
                            kind="stable", ignore_index=True)
 
@@ -121,18 +143,20 @@ def _long(records: Iterable[tuple[int, dict[str, Any]]]) -> pd.DataFrame:
 
 
 def main_config_runs(frame: pd.DataFrame, verbose: bool = True) -> pd.DataFrame:
-    """Per regime, only the runs of its most common (lam, lambda_plus, coef_schedule): the main sweep's
-    comparison when a root also holds ablations (Table 1, the figures). Prints what it leaves out."""
-    key = pd.Series([", ".join(f"{k}={v}" for k, v in zip(CONFIG_KEYS, values, strict=True))
-                     for values in frame[CONFIG_KEYS].itertuples(index=False)],
-                    index=frame.index, dtype=object)
-    keep = frame["regime"].isna()  # runs without a config: nothing to choose between
-    for regime, rows in frame.groupby("regime"):
-        counts = rows.groupby(key[rows.index])["run"].nunique()
+    """Per regime, only the runs of its most common configuration (`config_key_columns`: coefficient and
+    schedule): the main sweep's comparison when a root also holds ablations (Table 1, the figures).
+    Prints what it leaves out."""
+    keep = frame["regime"].isna().to_numpy(copy=True)  # runs without a config: nothing to choose between
+    for regime, positions in frame.groupby("regime").indices.items():
+        rows, columns = frame.iloc[positions], config_key_columns(regime)
+        key = pd.Series([", ".join(f"{k}={v}" for k, v in zip(columns, values, strict=True))
+                         for values in rows[columns].itertuples(index=False)], dtype=object)
+        runs = rows["run"].reset_index(drop=True)
+        counts = runs.groupby(key).nunique()
         best = counts.idxmax()
-        keep |= (frame["regime"] == regime) & (key == best)
+        keep[positions[(key == best).to_numpy()]] = True
         if len(counts) > 1 and verbose:
-            left_out = sorted(set(rows.loc[key[rows.index] != best, "run"]))
+            left_out = sorted(set(runs[key != best]))
             print(f"{regime}: using the runs with {best}; leaving out {left_out}")
     return frame[keep]
 
@@ -142,28 +166,29 @@ def find_run_dirs(root: Path | str) -> list[Path]:
     """Run dirs under `root` (any depth): dirs holding metrics.jsonl or eval/summary.json."""
     root = Path(root)
     found = {p.parent for p in root.rglob(METRICS_FILE)}
-    found |= {p.parent.parent for p in root.rglob("eval/summary.json")}
-    return sorted(d for d in found if "wandb" not in d.relative_to(root).parts)
+    found |= {p.parent.parent for p in root.rglob(f"{EVAL_DIR}/{SUMMARY_FILE}")}
+    return sorted(d for d in found if WANDB_DIR not in d.relative_to(root).parts)
 
 
 def run_info(run_dir: Path) -> dict[str, Any]:
     """run name, sweep and config columns of one run dir."""
-    meta = json.loads((run_dir / RUN_FILE).read_text()) if (run_dir / RUN_FILE).exists() else {}
-    config_path = run_dir / "config.yaml"
+    meta = read_run_json(run_dir)
+    config_path = RunDir(run_dir).config
     config = yaml.safe_load(config_path.read_text()) if config_path.exists() else {}
     return {"run": meta.get("name") or run_dir.name, "sweep": run_dir.parent.name,
             "status": meta.get("status"), **config_columns(config or {})}
 
 
 def _run_infos(root: Path | str) -> list[tuple[Path, dict[str, Any]]]:
-    """`run_info` of every run dir; a name found in several sweeps (names derive from the overrides,
-    so two sweeps easily share one) becomes `<sweep>/<name>`."""
+    """`run_info` of every run dir, names qualified (`qualify_shared_names`)."""
     infos = [(run_dir, run_info(run_dir)) for run_dir in find_run_dirs(root)]
-    _qualify_shared_names([info for _, info in infos])
+    qualify_shared_names([info for _, info in infos])
     return infos
 
 
-def _qualify_shared_names(infos: list[dict[str, Any]]) -> None:
+def qualify_shared_names(infos: list[dict[str, Any]]) -> None:
+    """A run name found in several sweeps (names derive from the overrides, so two sweeps easily share
+    one) becomes `<sweep>/<name>`, in place: one frame never mixes two runs under one name."""
     shared = pd.Series([info["run"] for info in infos]).duplicated(keep=False)
     for info, is_shared in zip(infos, shared, strict=True):
         info["run"] = f"{info['sweep']}/{info['run']}" if is_shared else info["run"]
@@ -171,8 +196,14 @@ def _qualify_shared_names(infos: list[dict[str, Any]]) -> None:
 
 def load_run_dirs(root: Path | str) -> pd.DataFrame:
     """The metrics of every run dir under `root`, long: run, step, metric, value + CONFIG_COLUMNS."""
+    return load_metrics(_run_infos(root))
+
+
+def load_metrics(runs: Iterable[tuple[Path, dict[str, Any]]]) -> pd.DataFrame:
+    """The metrics of these (run dir, `run_info`) pairs, in `load_run_dirs`'s shape; the rows are named
+    by each info's "run" (keep them distinct: `qualify_shared_names`)."""
     frames = []
-    for run_dir, info in _run_infos(root):
+    for run_dir, info in runs:
         records = [rec for rec in read_metrics(run_dir) if "step" in rec]
         frame = _long((rec["step"], {k: v for k, v in rec.items() if k != "step"}) for rec in records)
         frame.insert(0, "run", info["run"])
@@ -184,9 +215,15 @@ def eval_frame(root: Path | str) -> pd.DataFrame:
     """Final evaluations (`eval/summary.json`), long: run, step, benchmark, stat, value + CONFIG_COLUMNS.
     stats: avg, pass, maj, their `_lo`/`_hi` CI bounds, n, k, timeouts (benchmark "average": avg, pass,
     maj). Fractions in [0, 1]."""
+    return load_evals(_run_infos(root))
+
+
+def load_evals(runs: Iterable[tuple[Path, dict[str, Any]]]) -> pd.DataFrame:
+    """The final evaluations of these (run dir, `run_info`) pairs, in `eval_frame`'s shape (runs
+    without one are left out)."""
     frames = []
-    for run_dir, info in _run_infos(root):
-        path = run_dir / "eval" / "summary.json"
+    for run_dir, info in runs:
+        path = RunDir(run_dir).eval.summary
         if not path.exists():
             continue
         summary = json.loads(path.read_text())
@@ -273,7 +310,7 @@ def load_wandb_offline(root: Path | str, *, workers: int = 4) -> pd.DataFrame:
                       "sweep": _sweep_of(path) or last["group"], "status": last["summary"].get("state"),
                       **config_columns(last["summary"].get("config") or {})})
         frames.append(_long(step_item for _, run in runs for step_item in run["history"]))
-    _qualify_shared_names(infos)
+    qualify_shared_names(infos)
     for frame, info in zip(frames, infos, strict=True):
         frame.insert(0, "run", info["run"])
     return _concat([_with_columns(f, METRIC_COLUMNS, i) for f, i in zip(frames, infos, strict=True)],
@@ -289,7 +326,7 @@ def _started(wandb_file: Path) -> str:
 def _sweep_of(wandb_file: Path) -> str | None:
     """Files under `<run_dir>/wandb/<attempt>/` belong to that run dir: its parent is the sweep."""
     run_dir = wandb_file.parent.parent.parent
-    return run_dir.parent.name if (run_dir / RUN_FILE).exists() else None
+    return run_dir.parent.name if RunDir(run_dir).run_json.exists() else None
 
 
 # ---------------------------------------------------------------------------------------- wandb API

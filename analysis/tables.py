@@ -12,8 +12,8 @@ rendered by `to_markdown` / `to_latex`:
 Numbers: mean over seeds ± the half-width of a 95% t-interval over seeds; with a single seed the
 evaluation's own bootstrap CI over problems is shown instead (the "Average" column then has none).
 Best mean per column in bold. Table 1 wants one configuration per regime: when a regime has runs with
-several (lam, lambda_plus, coef_schedule), it keeps the one with the most runs (`main_config_runs`:
-the main sweep; the rest is Table 2's business) and prints which runs it left out.
+several (its coefficient and schedule, `config_key_columns`), it keeps the one with the most runs
+(`main_config_runs`: the main sweep; the rest is Table 2's business) and prints which runs it left out.
 The paper (Table 1, avg@32, MiMo-7B-RL): OCC 61.7 > Detach 58.9 > Policy 57.4 > CE 47.7 on the
 six-benchmark average.
 """
@@ -39,6 +39,7 @@ from analysis.runs import (
     sort_benchmarks,
     sort_regimes,
 )
+from mtp_occ.rundir import METRICS_FILE
 
 # two-sided 95% Student-t quantiles for 1..30 degrees of freedom (no scipy needed); 1.96 beyond
 T95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145,
@@ -210,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     from_dirs = args.source == "dirs"
     metrics = load_run_dirs(args.run_root) if from_dirs else load_wandb_offline(args.run_root)
     if metrics.empty:
-        looked_for = "metrics.jsonl" if from_dirs else "run-*.wandb"
+        looked_for = METRICS_FILE if from_dirs else "run-*.wandb"
         raise SystemExit(f"no runs under {args.run_root} (no {looked_for} files)")
     evals = eval_frame(args.run_root) if from_dirs else metrics.iloc[:0]
     if evals.empty:  # no eval/summary.json, or a wandb source: the last eval/* metrics each run logged

@@ -9,6 +9,11 @@ the base model's score, λ statistics and the wall time. Nothing in the report i
 … `<!-- end generated -->` with the report (tests check that every such block equals its report file).
 `--reference ROOT:REGIME[,REGIME]` adds the runs of those regimes from another sweep (only the seeds the
 experiment itself has), e.g. e02's OCC rows, which come from e01 (same seeds, same base).
+
+Runs are read through `analysis.runs` (one metrics frame and one evaluation frame of exactly the chosen
+runs, from which every table, figure and per-run number here is drawn); the paired and pooled tests
+read the per-problem scores of `eval/samples.jsonl` (`mtp_occ.eval.compare`) and bootstrap them with
+`mtp_occ.eval.metrics.paired_bootstrap`, the evaluation's own bootstrap.
 """
 
 from __future__ import annotations
@@ -21,21 +26,35 @@ from pathlib import Path
 import pandas as pd
 
 from analysis.figures import write_figures
-from analysis.runs import CONFIG_KEYS, eval_frame, find_run_dirs, load_run_dirs, run_info
+from analysis.runs import (
+    COEF_LABELS,
+    coefficient_columns,
+    config_key_columns,
+    find_run_dirs,
+    load_evals,
+    load_metrics,
+    qualify_shared_names,
+    run_info,
+)
 from analysis.tables import write_tables
 from mtp_occ.eval.compare import compare_runs
+from mtp_occ.rundir import RunDir
+
+Runs = dict[tuple[str, int], tuple[Path, dict]]  # (row label, seed) -> (run dir, run_info)
 
 
 def _label(info: dict, varies: bool) -> str:
-    """A run's row name: its regime, plus λ / λ₊ and schedule when the regime was run in several configurations."""
+    """A run's row name: its regime, plus its coefficient (the keys the regime declares: λ, λ₊) and
+    schedule when the regime was run in several configurations."""
     if not varies:
         return info["regime"]
-    coef = f"λ₊={info['lambda_plus']:g}" if info["regime"].startswith("occ") else f"λ={info['lam']:g}"
-    return f"{info['regime']} {coef} ({info['coef_schedule']})"
+    coef = [f"{COEF_LABELS[k]}={info[k]:g}" for k in coefficient_columns(info["regime"])]
+    return " ".join([info["regime"], *coef, f"({info['coef_schedule']})"])
 
 
-def collect(root: Path, reference: list[tuple[Path, set[str]]]) -> dict[tuple[str, int], tuple[Path, dict]]:
-    """{(row label, seed): (run dir, run_info)} for the experiment's runs and the reference runs."""
+def collect(root: Path, reference: list[tuple[Path, set[str]]]) -> Runs:
+    """{(row label, seed): (run dir, run_info)} for the experiment's runs and the reference runs; run
+    names shared by two sweeps are qualified (`<sweep>/<name>`) so that the frames keep them apart."""
     runs = [(d, run_info(d)) for d in find_run_dirs(root)]
     seeds = {info["seed"] for _, info in runs}
     for ref_root, regimes in reference:
@@ -45,9 +64,10 @@ def collect(root: Path, reference: list[tuple[Path, set[str]]]) -> dict[tuple[st
     for d in unfinished:
         print(f"leaving out {d}: not finished (run.json status)")
     runs = [(d, info) for d, info in runs if info["status"] == "finished"]
+    qualify_shared_names([info for _, info in runs])
     configs = defaultdict(set)
     for _, info in runs:
-        configs[info["regime"]].add(tuple(info[k] for k in CONFIG_KEYS))
+        configs[info["regime"]].add(tuple(info[k] for k in config_key_columns(info["regime"])))
     out = {}
     for d, info in runs:
         key = (_label(info, len(configs[info["regime"]]) > 1), info["seed"])
@@ -57,15 +77,31 @@ def collect(root: Path, reference: list[tuple[Path, set[str]]]) -> dict[tuple[st
     return out
 
 
-def _frames(root: Path, reference: list[tuple[Path, set[str]]], runs) -> tuple[pd.DataFrame, pd.DataFrame]:
-    keep = {info["run"] for _, info in runs.values()}
-    metrics = [load_run_dirs(root)] + [load_run_dirs(r) for r, _ in reference]
-    evals = [eval_frame(root)] + [eval_frame(r) for r, _ in reference]
-    metrics, evals = pd.concat(metrics, ignore_index=True), pd.concat(evals, ignore_index=True)
-    return metrics[metrics["run"].isin(keep)], evals[evals["run"].isin(keep)]
+def _frames(runs: Runs) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The metrics and the final evaluations of exactly the report's runs (`analysis.runs`' frames)."""
+    chosen = list(runs.values())
+    return load_metrics(chosen), load_evals(chosen)
 
 
-def paired(runs, against: str) -> list[str]:
+def _by_step(metrics: pd.DataFrame, run: str, metric: str) -> dict[int, float]:
+    """{step: value} of one run's `metric`, in step order (the frame is sorted by run, metric, step)."""
+    rows = metrics[(metrics["run"] == run) & (metrics["metric"] == metric)]
+    return dict(zip(rows["step"].tolist(), rows["value"].tolist(), strict=True))
+
+
+def _series(metrics: pd.DataFrame, run: str, metric: str) -> list[float]:
+    """One run's `metric` over the steps that logged it, in step order."""
+    return list(_by_step(metrics, run, metric).values())
+
+
+def _final_avg(evals: pd.DataFrame, run: str) -> float | None:
+    """The run's final held-out avg@k averaged over benchmarks (eval/summary.json's average.avg), or
+    None when it has no final evaluation."""
+    rows = evals[(evals["run"] == run) & (evals["benchmark"] == "average") & (evals["stat"] == "avg")]
+    return float(rows["value"].iloc[0]) if len(rows) else None
+
+
+def paired(runs: Runs, against: str) -> list[str]:
     rows = []
     for (label, seed), (d, _) in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         ref = runs.get((against, seed))
@@ -81,13 +117,15 @@ def paired(runs, against: str) -> list[str]:
             "|---|---:|---:|---:|---:|---|---:|", *rows, "", *pooled(runs, against)]
 
 
-def pooled(runs, against: str, n_boot: int = 2000) -> list[str]:
+def pooled(runs: Runs, against: str, n_boot: int = 2000) -> list[str]:
     """Per problem, the difference to `against` averaged over the seeds both have; bootstrap over problems.
     Every seed is evaluated on the same held-out problems, so this is the seed-averaged effect with its
-    evaluation uncertainty (seed-to-seed training variance is what the per-seed rows show)."""
+    evaluation uncertainty (seed-to-seed training variance is what the per-seed rows show). The test is
+    `paired_bootstrap` of those differences against zero, one random stream across the rows."""
     import numpy as np
 
     from mtp_occ.eval.compare import load_problem_scores
+    from mtp_occ.eval.metrics import paired_bootstrap
 
     rows, rng = [], np.random.default_rng(0)
     for label in sorted({k[0] for k in runs} - {against}):
@@ -100,12 +138,13 @@ def pooled(runs, against: str, n_boot: int = 2000) -> list[str]:
             per_seed.append({(bench, i): b[bench][i] - a[bench][i] for bench in a if bench in b
                              for i in a[bench] if i in b[bench]})
         keys = sorted(set.intersection(*(set(d) for d in per_seed)))
-        d = np.array([np.mean([ps[k] for ps in per_seed]) for k in keys])
-        boot = d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1)
-        lo, hi = np.quantile(boot, [0.025, 0.975])
-        p = (1 + int(np.sum(np.abs(boot - d.mean()) >= abs(d.mean()) - 1e-12))) / (1 + n_boot)
+        d = [np.mean([ps[k] for ps in per_seed]) for k in keys]
+        # a Generator as the seed: paired_bootstrap draws from it (numpy's default_rng passes it through)
+        test = paired_bootstrap(dict.fromkeys(keys, 0.0), dict(zip(keys, d, strict=True)), n_boot=n_boot,
+                                seed=rng)
+        diff, lo, hi, p = test["diff"], test["lo"], test["hi"], test["p_value"]
         same_sign = sum(np.mean(list(ps.values())) > 0 for ps in per_seed)
-        rows.append(f"| {label} | {len(seeds)} | {len(keys)} | {100 * d.mean():+.2f} | "
+        rows.append(f"| {label} | {len(seeds)} | {len(keys)} | {100 * diff:+.2f} | "
                     f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {f'{p:.3f}' if p >= 1e-3 else f'< {1e-3:g}'} | "
                     f"{same_sign}/{len(seeds)} |")
     if not rows:
@@ -116,13 +155,12 @@ def pooled(runs, against: str, n_boot: int = 2000) -> list[str]:
             "|---|---:|---:|---:|---|---:|---:|", *rows, ""]
 
 
-def per_label_means(runs) -> list[str]:
+def per_label_means(runs: Runs, evals: pd.DataFrame) -> list[str]:
     """Held-out avg@k per row label: mean over seeds, and each seed's value."""
     by = defaultdict(dict)
-    for (label, seed), (d, _) in runs.items():
-        s = d / "eval" / "summary.json"
-        if s.exists():
-            by[label][seed] = 100 * json.loads(s.read_text())["average"]["avg"]
+    for (label, seed), (_, info) in runs.items():
+        if (avg := _final_avg(evals, info["run"])) is not None:
+            by[label][seed] = 100 * avg
     seeds = sorted({s for v in by.values() for s in v})
     lines = ["| run | mean | " + " | ".join(f"seed {s}" for s in seeds) + " |",
              "|---|---:|" + "---:|" * len(seeds)]
@@ -132,15 +170,14 @@ def per_label_means(runs) -> list[str]:
     return lines
 
 
-def final_reward(runs, last: int = 20) -> list[str]:
+def final_reward(runs: Runs, metrics: pd.DataFrame, last: int = 20) -> list[str]:
     """Training reward at the end of RL: per run, the mean of `reward/mean` over the last `last` steps;
     per configuration, mean ± 95% t-interval over seeds."""
     from analysis.tables import mean_ci
 
     by = defaultdict(dict)
-    for (label, seed), (d, _) in runs.items():
-        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-        rewards = [r["reward/mean"] for r in rows if "reward/mean" in r][-last:]
+    for (label, seed), (_, info) in runs.items():
+        rewards = _series(metrics, info["run"], "reward/mean")[-last:]
         if rewards:
             by[label][seed] = sum(rewards) / len(rewards)
     lines = [f"| run | final reward (mean of the last {last} steps) | seeds |", "|---|---:|---:|"]
@@ -150,24 +187,26 @@ def final_reward(runs, last: int = 20) -> list[str]:
     return lines
 
 
-def fig_lambda_sweep(runs, out: Path) -> Path | None:
+def fig_lambda_sweep(runs: Runs, evals: pd.DataFrame, out: Path) -> Path | None:
     """Held-out avg@k against the fixed λ of the policy runs, one line per schedule (mean over seeds, seeds as
-    dots), the reference (OCC) as a horizontal band of its seed range: the shape of the paper's Table 2."""
+    dots), the reference (the calibrated regime, OCC) as a horizontal band of its seed range: the shape of
+    the paper's Table 2."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from mtp_occ.regimes import is_calibrated
+
     pts = defaultdict(lambda: defaultdict(list))
     ref = []
-    for (label, _), (d, info) in runs.items():
-        s = d / "eval" / "summary.json"
-        if not s.exists():
+    for _, info in runs.values():
+        if (avg := _final_avg(evals, info["run"])) is None:
             continue
-        avg = 100 * json.loads(s.read_text())["average"]["avg"]
+        avg *= 100
         if info["regime"] == "policy":
             pts[info["coef_schedule"]][info["lam"]].append(avg)
-        elif label.startswith("occ"):
+        elif is_calibrated(info["regime"]):
             ref.append(avg)
     if sum(len(v) for v in pts.values()) < 2:
         return None
@@ -192,19 +231,20 @@ def fig_lambda_sweep(runs, out: Path) -> Path | None:
     return path
 
 
-def diagnostics(runs) -> list[str]:
+def diagnostics(runs: Runs, metrics: pd.DataFrame) -> list[str]:
     """Exact c, v² (first vs second half of training) and how the proxy ĉ, v̂² tracks them."""
     import numpy as np
 
     rows = []
-    for (label, seed), (d, _) in sorted(runs.items()):
-        diag = [r for r in (json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()) if "diag/c" in r]
-        if len(diag) < 4:
+    for (label, seed), (_, info) in sorted(runs.items()):
+        diag = {m: _by_step(metrics, info["run"], m)
+                for m in ("diag/c", "diag/v2", "diag/c_hat", "diag/v2_hat")}
+        steps = list(diag["diag/c"])  # the steps that ran the exact diagnostics
+        if len(steps) < 4:
             continue
-        c, v2 = np.array([r["diag/c"] for r in diag]), np.array([r["diag/v2"] for r in diag])
-        c_hat, v2_hat = np.array([r["diag/c_hat"] for r in diag]), np.array([r["diag/v2_hat"] for r in diag])
-        h = len(diag) // 2
-        rows.append(f"| {label} | {seed} | {len(diag)} | {c[:h].mean():.3g} → {c[h:].mean():.3g} | "
+        c, v2, c_hat, v2_hat = (np.array([diag[m][s] for s in steps]) for m in diag)
+        h = len(steps) // 2
+        rows.append(f"| {label} | {seed} | {len(steps)} | {c[:h].mean():.3g} → {c[h:].mean():.3g} | "
                     f"{v2[:h].mean():.3g} → {v2[h:].mean():.3g} | {np.corrcoef(c, c_hat)[0, 1]:.2f} | "
                     f"{(np.sign(c) == np.sign(c_hat)).mean():.2f} | {np.corrcoef(v2, v2_hat)[0, 1]:.2f} |")
     if not rows:
@@ -241,38 +281,36 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     reference = [(Path(r.split(":")[0]), set(r.split(":")[1].split(","))) for r in args.reference]
     runs = collect(args.root, reference)
-    metrics, evals = _frames(args.root, reference, runs)
+    metrics, evals = _frames(runs)
     write_tables(metrics, evals, args.out)
     write_figures(metrics, args.out)
     sources = ", ".join([f"`{args.root}`"] + [f"`{r}` ({', '.join(sorted(g))})" for r, g in reference])
     lines = [f"# Report: {args.root.name}", "", f"{len(runs)} runs from {sources}.", "",
-             "## Held-out accuracy per run configuration", "", *per_label_means(runs), "",
+             "## Held-out accuracy per run configuration", "", *per_label_means(runs, evals), "",
              "avg@k (%) on the held-out set, one column per seed.", "",
-             "## Training reward", "", *final_reward(runs), "",
+             "## Training reward", "", *final_reward(runs, metrics), "",
              "Same seed = same prompts and sampling noise in every configuration, so these differ only through "
              "the policy.", ""]
     if evals["regime"].eq("policy").any() and len({k[0] for k in runs if k[0].startswith("policy")}) > 1:
         lines += ["## Table 2 (fixed λ vs OCC)", "", (args.out / "table2.md").read_text(), ""]
-        if fig_lambda_sweep(runs, args.out) is not None:
+        if fig_lambda_sweep(runs, evals, args.out) is not None:
             lines += ["Figure: `fig_lambda_sweep.png` (held-out accuracy against λ, OCC as a band).", ""]
     else:
         lines += ["## Table 1 (regimes)", "", (args.out / "table1.md").read_text(), ""]
-    base = next(iter(runs.values()))[0] / "eval" / "base" / "summary.json"
+    base = RunDir(next(iter(runs.values()))[0]).base_eval.summary
     if base.exists():
         b = json.loads(base.read_text())["average"]
         lines += [f"Base model (before RL, shared by every run): avg {100 * b['avg']:.1f}, pass {100 * b['pass']:.1f}, "
                   f"maj {100 * b['maj']:.1f}.", ""]
     lines += paired(runs, args.against)
     lam = defaultdict(list)
-    for (label, _), (d, _) in runs.items():
-        rows = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
-        lam[label] += [r["mtp/lambda"] for r in rows if "mtp/lambda" in r]
+    for (label, _), (_, info) in runs.items():
+        lam[label] += _series(metrics, info["run"], "mtp/lambda")
     lines += ["## λ per run configuration (mean over steps of the per-step mean over updates)", "",
               "| run | mean λ | min | max |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {sum(v) / len(v):.3g} | {min(v):.3g} | {max(v):.3g} |" for k, v in sorted(lam.items()) if v]
-    lines += diagnostics(runs)
-    wall = [sum(json.loads(x).get("time/step_s", 0.0) for x in (d / "metrics.jsonl").read_text().splitlines()) / 60
-            for d, _ in runs.values()]
+    lines += diagnostics(runs, metrics)
+    wall = [sum(_series(metrics, info["run"], "time/step_s")) / 60 for _, info in runs.values()]
     lines += ["", "## Cost", "", (args.out / "cost.md").read_text(), "",
               f"RL time per run (sum of step times): {min(wall):.1f}–{max(wall):.1f} min on 2 CPU cores; "
               "figures: `fig_*.png` here."]

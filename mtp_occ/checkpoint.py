@@ -1,11 +1,12 @@
 """Atomic checkpoints: a run killed at any point resumes from its last complete checkpoint.
 
-Layout: `<run_dir>/checkpoints/step_000050/state.pt` (+ `COMPLETE`), and `checkpoints/latest` naming the
-newest complete one. A save writes into `step_XXXXXX.tmp-<pid>/`, fsyncs the files, renames the directory
-into place, fsyncs the parent, and only then replaces `latest` (temp file + fsync + `os.replace`). A crash at
-any moment therefore leaves either the previous checkpoint or the new one, never a torn one; leftover
-`.tmp-*` directories are ignored and cleaned on the next save. If `latest` is missing or names something
-incomplete, the newest directory with `COMPLETE` is used.
+Layout (names from `mtp_occ.rundir`): `<run_dir>/checkpoints/step_000050/state.pt` (+ `COMPLETE`), and
+`checkpoints/latest` naming the newest complete one. A save writes into `step_XXXXXX.tmp-save/`, fsyncs the
+files, renames the directory into place, fsyncs the parent, and only then replaces `latest`
+(`rundir.atomic_write_bytes`: temp file + fsync + `os.replace` + fsync of the dir). A crash at any moment
+therefore leaves either the previous checkpoint or the new one, never a torn one; leftover `*.tmp-*`
+entries are ignored and cleaned on the next save. If `latest` is missing or names something incomplete,
+the newest directory with `COMPLETE` is used.
 
 `state.pt` holds everything that decides the rest of the run: model (MTP layers included), optimizer,
 LR scheduler, sampler position, regime state (OCC's EMA), RNG states and the step. Non-finite weights are
@@ -23,25 +24,16 @@ from typing import Any
 
 import torch
 
-LATEST = "latest"
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(str(path), os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_durable(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+from mtp_occ.rundir import (
+    CHECKPOINT_GLOB,
+    COMPLETE_FILE,
+    LATEST_FILE,
+    STATE_FILE,
+    TMP_MARK,
+    atomic_write_bytes,
+    checkpoint_name,
+    fsync_dir,
+)
 
 
 def rng_state() -> dict:
@@ -69,17 +61,17 @@ def save(ckpt_root: Path, step: int, state: dict[str, Any], keep: int = 2, *, is
     bad = [k for k, v in model_state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise FloatingPointError(f"refusing to checkpoint step {step}: non-finite values in {bad[:3]}")
-    name = f"step_{step:06d}"
-    tmp = ckpt_root / f"{name}.tmp-save"
+    name = checkpoint_name(step)
+    tmp = ckpt_root / f"{name}{TMP_MARK}save"  # one name for every rank: each adds its shards to it
     if is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
-        for stale in ckpt_root.glob("*.tmp-*"):  # torn saves: dirs, and `.latest.tmp-<pid>` files
+        for stale in ckpt_root.glob(f"*{TMP_MARK}*"):  # torn saves: dirs, and `.latest.tmp-*` files
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
         tmp.mkdir()
-        with open(tmp / "state.pt", "wb") as f:
+        with open(tmp / STATE_FILE, "wb") as f:
             torch.save({**state, "step": step, "rng": rng_state()}, f)
             f.flush()
             os.fsync(f.fileno())
@@ -89,12 +81,12 @@ def save(ckpt_root: Path, step: int, state: dict[str, Any], keep: int = 2, *, is
         barrier()
     final = ckpt_root / name
     if is_main:
-        _write_durable(tmp / "COMPLETE", b"ok\n")
+        atomic_write_bytes(tmp / COMPLETE_FILE, b"ok\n", sync_dir=True)
         if final.exists():  # re-saving a step after a resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(ckpt_root)
-        _write_durable(ckpt_root / LATEST, name.encode())
+        fsync_dir(ckpt_root)
+        atomic_write_bytes(ckpt_root / LATEST_FILE, name.encode(), sync_dir=True)
         for old in complete_checkpoints(ckpt_root)[:-keep] if keep > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
     barrier()
@@ -105,29 +97,29 @@ def complete_checkpoints(ckpt_root: Path) -> list[Path]:
     """Complete checkpoint dirs, oldest first."""
     if not ckpt_root.is_dir():
         return []
-    return sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and (p / "COMPLETE").exists()
-                  and ".tmp-" not in p.name)
+    return sorted(p for p in ckpt_root.glob(CHECKPOINT_GLOB) if p.is_dir() and (p / COMPLETE_FILE).exists()
+                  and TMP_MARK not in p.name)
 
 
 def latest(ckpt_root: Path) -> Path | None:
-    pointer = ckpt_root / LATEST
+    pointer = ckpt_root / LATEST_FILE
     if pointer.exists():
         cand = ckpt_root / pointer.read_text().strip()
-        if (cand / "COMPLETE").exists():
+        if (cand / COMPLETE_FILE).exists():
             return cand
     done = complete_checkpoints(ckpt_root)
     return done[-1] if done else None
 
 
 def load(ckpt_dir: Path) -> dict[str, Any]:
-    state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
     set_rng_state(state["rng"])
     return state
 
 
 def model_weights(ckpt_dir: Path) -> dict[str, torch.Tensor]:
     """The model's full state dict from a checkpoint: from `state.pt`, or gathered from ZeRO shards."""
-    state = torch.load(ckpt_dir / "state.pt", map_location="cpu", weights_only=False)
+    state = torch.load(ckpt_dir / STATE_FILE, map_location="cpu", weights_only=False)
     if "model" in state.get("engine", {}):
         return state["engine"]["model"]
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint

@@ -1,4 +1,4 @@
-"""Training prompts (the embedded task, a local jsonl, or a hub dataset) and a resumable sampler.
+"""Training prompts (a registered task's stream, a local jsonl, or a hub dataset) and a resumable sampler.
 
 Every source yields `Prompt(id, problem, answer)`; the prompt template is applied by the caller.
 Local files go through the same validation as the benchmarks (`mtp_occ.eval.benchmarks.load_jsonl`):
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mtp_occ.config import DataConfig, DataSource, require
+from mtp_occ.config import DataConfig, require
 
 
 @dataclass(frozen=True)
@@ -25,22 +25,6 @@ class Prompt:
     id: str
     problem: str
     answer: str
-
-
-class ArithPrompts:
-    """The embedded task's training stream: unbounded, generated on demand from (seed, index)."""
-
-    def __init__(self, cfg: DataConfig, seed: int):
-        from mtp_occ.tasks.arith import ArithTask
-
-        self.task = ArithTask(cfg.n_terms, cfg.min_operand, cfg.max_operand, cfg.heldout_size, seed)
-
-    def __len__(self) -> int:
-        return 2**62
-
-    def __getitem__(self, i: int) -> Prompt:
-        p = self.task.train_problem(i)
-        return Prompt(p.id, p.prompt, p.answer)
 
 
 class ListPrompts:
@@ -69,10 +53,13 @@ def _hub_row(row: dict, i: int, hub_id: str) -> Prompt:
     return Prompt(str(row.get("id", f"{hub_id}-{i}")), problem, str(answer))
 
 
-def build_prompts(cfg: DataConfig, seed: int) -> ArithPrompts | ListPrompts:
-    if cfg.source is DataSource.arith:
-        return ArithPrompts(cfg, seed)
-    if cfg.source is DataSource.jsonl:
+def build_prompts(cfg: DataConfig, seed: int):
+    """The training prompts (`mtp_occ.tasks.PromptSource`); `seed` seeds a task's problems."""
+    from mtp_occ.tasks import task_for
+
+    if (task := task_for(cfg)) is not None:
+        return task.prompts(cfg, seed)
+    if cfg.source == "jsonl":
         from mtp_occ.eval.benchmarks import load_jsonl
 
         path = Path(cfg.path)

@@ -1,19 +1,25 @@
-"""The optimisation backend: plain PyTorch (any world size) or DeepSpeed ZeRO 1–3, behind one interface.
+"""The optimisation backend: plain PyTorch (any world size) or DeepSpeed ZeRO 1–3, behind one interface
+(`Engine`), built from the sections it reads (`algo`, `deepspeed`) and the run's length (`build_engine`).
 
-    engine.zero_grad(); engine.backward(loss, last) per micro-batch; norms, applied = engine.step(finite)
+    per update:   engine.zero_grad(); engine.backward(loss, last) per micro-batch
+                  norm, mtp_norm, applied = engine.step(finite)
+    per RL step:  engine.scheduler_step()
 
-`TorchEngine`: AdamW, gradients summed over ranks in one flat all-reduce (losses are normalised by global
-counts, see `mtp_occ.dist`), the shared model and the MTP layers clipped as two groups (see
-`update.clip_grads`), the update skipped when a gradient is non-finite.
+Both engines run AdamW under a `LambdaLR` whose multiplier comes from `mtp_occ.schedules`
+(`algo.lr_schedule`, `algo.lr_warmup_steps`, the run's `steps`).
+
+`TorchEngine`: gradients summed over ranks in one flat all-reduce (losses are normalised by global
+counts, see `mtp_occ.dist`), the shared model and the MTP layers clipped as two groups (`clip_grads`),
+the update skipped when a gradient is non-finite.
 
 `DeepSpeedEngine`: the DeepSpeed config is *derived* from ours (`deepspeed_config`; no "auto" values):
 micro-batch, accumulation, clipping, ZeRO stage, optimizer offload, bf16. Departures forced by DeepSpeed:
 it averages gradients over ranks, so the loss is scaled by the world size; its clipping is one global norm
-(the MTP layers share it); we mark the accumulation boundary ourselves, since the number of micro-steps
-per update is ours to decide. Under ZeRO-3 the MTP layers read the (partitioned) embedding and head
-weights outside those modules' forward, so they are registered as external parameters of the model,
-and generation runs with `synced_gpus=True` on every rank. Checkpoints go through the engine (ZeRO shards,
-MTP weights included) inside our atomic protocol (`mtp_occ.checkpoint`).
+(the MTP layers share it, and `grad/mtp_norm` is not measured: NaN); we mark the accumulation boundary
+ourselves, since the number of micro-steps per update is ours to decide. Under ZeRO-3 the MTP layers read
+the (partitioned) embedding and head weights outside those modules' forward, so they are registered as
+external parameters of the model, and generation runs with `synced_gpus=True` on every rank. Checkpoints
+go through the engine (ZeRO shards, MTP weights included) inside our atomic protocol (`mtp_occ.checkpoint`).
 
 Known limit under DeepSpeed: a non-finite *loss* skips the update as in `TorchEngine`, but a non-finite
 gradient behind a finite loss is only visible after DeepSpeed's `step()` (through its global norm; only
@@ -26,38 +32,76 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from mtp_occ.config import Config
+from mtp_occ.config import AlgoConfig, DeepSpeedConfig
 from mtp_occ.dist import all_reduce_grads_
+from mtp_occ.schedules import build_lr_schedule
+
+if TYPE_CHECKING:
+    from mtp_occ.model.mtp import MTPModel
 
 
-def lr_lambda_for(cfg: Config):
-    a = cfg.algo
+class Engine(Protocol):
+    """What `mtp_occ.update.rl_update` and the training loop call; `TorchEngine` and `DeepSpeedEngine`
+    implement it. One optimizer update is `zero_grad()`, `backward(loss, last)` per micro-batch, then
+    `step(finite, before_clip)`; the LR schedule advances once per RL step (`scheduler_step`), however
+    many updates that step ran."""
 
-    def lr_lambda(step: int) -> float:
-        if step < a.lr_warmup_steps:
-            return (step + 1) / a.lr_warmup_steps
-        if a.lr_schedule.value == "cosine":
-            p = (step - a.lr_warmup_steps) / max(1, cfg.steps - a.lr_warmup_steps)
-            return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0)))
-        return 1.0
+    def zero_grad(self) -> None: ...
 
-    return lr_lambda
+    def backward(self, loss: torch.Tensor, last: bool = True) -> None:
+        """`last`: the update's final micro-batch (where ZeRO reduces the accumulated gradients)."""
+
+    def step(self, finite: bool, before_clip: Callable[[], None] | None = None) -> tuple[float, float, bool]:
+        """Reduce, clip and apply the accumulated gradients unless `finite` is False or a norm is not
+        finite; `before_clip` sees the reduced, unclipped gradients (exact diagnostics). Returns
+        `(grad norm, MTP grad norm, applied)`."""
+
+    def scheduler_step(self) -> None: ...
+
+    def lr(self) -> float: ...
+
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> None: ...
+
+    def save_shards(self, tmp_dir: Path) -> None:
+        """Whatever every rank must write itself into the checkpoint being assembled in `tmp_dir`."""
+
+    def load_shards(self, ckpt_dir: Path) -> None: ...
 
 
-def _adamw(model, cfg: Config) -> torch.optim.Optimizer:
-    a = cfg.algo
-    return torch.optim.AdamW(model.parameters(), lr=a.lr, betas=tuple(a.betas), weight_decay=a.weight_decay)
+def clip_grads(model: MTPModel, max_norm: float) -> tuple[float, float]:
+    """Clip the shared model and the MTP layers as two groups. With one global norm, the MTP loss would
+    change the shared weights' update under `detach` through the clipping coefficient alone."""
+    limit = max_norm or float("inf")
+    norm = torch.nn.utils.clip_grad_norm_(model.lm.parameters(), limit)
+    mtp_norm = torch.nn.utils.clip_grad_norm_(model.mtp.parameters(), limit)
+    return float(norm), float(mtp_norm)
+
+
+def _adamw(model, algo: AlgoConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=algo.lr, betas=tuple(algo.betas),
+                             weight_decay=algo.weight_decay)
+
+
+def _lr_scheduler(opt: torch.optim.Optimizer, algo: AlgoConfig, total_steps: int
+                  ) -> torch.optim.lr_scheduler.LambdaLR:
+    """`algo.lr_schedule` over the run's `total_steps` RL steps (`mtp_occ.schedules`)."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, build_lr_schedule(algo.lr_schedule, algo.lr_warmup_steps, total_steps))
 
 
 class TorchEngine:
-    def __init__(self, model, cfg: Config):
-        self.model, self.grad_clip = model, cfg.algo.grad_clip
-        self.optimizer = _adamw(model, cfg)
-        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda_for(cfg))
+    def __init__(self, model, algo: AlgoConfig, *, total_steps: int):
+        self.model, self.grad_clip = model, algo.grad_clip
+        self.optimizer = _adamw(model, algo)
+        self.lr_sched = _lr_scheduler(self.optimizer, algo, total_steps)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -65,10 +109,8 @@ class TorchEngine:
     def backward(self, loss: torch.Tensor, last: bool = True) -> None:
         loss.backward()
 
-    def step(self, finite: bool, before_clip=None) -> tuple[float, float, bool]:
+    def step(self, finite: bool, before_clip: Callable[[], None] | None = None) -> tuple[float, float, bool]:
         """All-reduce, (measure), clip, step unless a gradient is non-finite; returns the norms."""
-        from mtp_occ.update import clip_grads
-
         all_reduce_grads_(list(self.model.parameters()))
         if before_clip is not None:
             before_clip()
@@ -78,6 +120,9 @@ class TorchEngine:
             self.optimizer.step()
         self.zero_grad()
         return norm, mtp_norm, ok
+
+    def scheduler_step(self) -> None:
+        self.lr_sched.step()
 
     def lr(self) -> float:
         return self.lr_sched.get_last_lr()[0]
@@ -98,9 +143,9 @@ class TorchEngine:
         """Nothing beyond `load_state_dict`."""
 
 
-def deepspeed_config(cfg: Config, world: int) -> dict:
+def deepspeed_config(algo: AlgoConfig, deepspeed: DeepSpeedConfig, world: int) -> dict:
     """The DeepSpeed json, derived from our config: one source of truth, no "auto" values."""
-    a, z = cfg.algo, cfg.deepspeed
+    a, z = algo, deepspeed
     per_rank_rows = max(1, a.prompts_per_step * a.group_size // a.updates_per_step // world)
     micro = min(a.micro_batch_size or per_rank_rows, per_rank_rows)
     gas = max(1, math.ceil(per_rank_rows / micro))
@@ -121,22 +166,22 @@ def deepspeed_config(cfg: Config, world: int) -> dict:
 
 
 class DeepSpeedEngine:
-    def __init__(self, model, cfg: Config, world: int):
+    def __init__(self, model, algo: AlgoConfig, deepspeed: DeepSpeedConfig, *, total_steps: int, world: int):
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
         for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1"),
                      ("MASTER_PORT", str(29400 + os.getpid() % 1000))):
             os.environ.setdefault(k, v)  # a single process needs them too (else DeepSpeed looks for MPI)
-        import deepspeed
+        import deepspeed as ds_lib
 
-        self.model, self.stage = model, cfg.deepspeed.stage
+        self.model, self.stage = model, deepspeed.stage
         if self.stage == 3:  # read outside their modules (MTP inputs, chunked log-probs): gathered for the model
             for p in (model.lm.get_input_embeddings().weight, model.lm.get_output_embeddings().weight):
-                deepspeed.zero.register_external_parameter(model, p)
-        opt = _adamw(model, cfg)
+                ds_lib.zero.register_external_parameter(model, p)
+        opt = _adamw(model, algo)
         # our scheduler steps once per RL step (DeepSpeed would step it once per optimizer update)
-        self.lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda_for(cfg))
-        self.ds, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=opt,
-                                                             config=deepspeed_config(cfg, world))
+        self.lr_sched = _lr_scheduler(opt, algo, total_steps)
+        self.ds, self.optimizer, _, _ = ds_lib.initialize(model=model, optimizer=opt,
+                                                          config=deepspeed_config(algo, deepspeed, world))
         self.world = world
 
     def zero_grad(self) -> None:
@@ -147,7 +192,10 @@ class DeepSpeedEngine:
         self.ds.set_gradient_accumulation_boundary(last)
         self.ds.backward(loss * self.world, scale_wrt_gas=False)  # DeepSpeed averages over ranks
 
-    def step(self, finite: bool, before_clip=None) -> tuple[float, float, bool]:
+    def step(self, finite: bool, before_clip: Callable[[], None] | None = None) -> tuple[float, float, bool]:
+        """DeepSpeed clips and steps; the norm is its global one. The MTP norm is NaN, *not measured*:
+        ZeRO partitions the gradients and DeepSpeed clips one global norm, so no separate MTP norm exists
+        (0.0 would read as "the MTP layers got no gradient")."""
         if before_clip is not None:
             raise NotImplementedError("exact diagnostics need deepspeed=none (ZeRO partitions the gradients)")
         if not finite:
@@ -156,7 +204,10 @@ class DeepSpeedEngine:
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         norm = float(norm) if norm is not None else float("nan")
-        return norm, 0.0, math.isfinite(norm)
+        return norm, float("nan"), math.isfinite(norm)
+
+    def scheduler_step(self) -> None:
+        self.lr_sched.step()
 
     def lr(self) -> float:
         return self.lr_sched.get_last_lr()[0]
@@ -177,5 +228,9 @@ class DeepSpeedEngine:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {ckpt_dir}")
 
 
-def build_engine(model, cfg: Config, world: int) -> TorchEngine | DeepSpeedEngine:
-    return DeepSpeedEngine(model, cfg, world) if cfg.deepspeed.enabled else TorchEngine(model, cfg)
+def build_engine(model, algo: AlgoConfig, deepspeed: DeepSpeedConfig, *, total_steps: int, world: int
+                 ) -> Engine:
+    """`total_steps`: the run's RL steps, the horizon of the LR schedule."""
+    if deepspeed.enabled:
+        return DeepSpeedEngine(model, algo, deepspeed, total_steps=total_steps, world=world)
+    return TorchEngine(model, algo, total_steps=total_steps)

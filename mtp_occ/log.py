@@ -2,15 +2,18 @@
 
     logger = RunLogger(run_dir, config=cfg_dict, name=cfg.name, mode="offline", resume_step=start - 1)
     logger.log({"reward/mean": 0.41, "loss/pg": 0.02}, step=7)
-    logger.log_eval(summary, step=200, samples_path=run_dir / "eval" / "samples.jsonl")
+    logger.log(flat_metrics(summary), step=200, samples_path=RunDir(run_dir).eval.samples)  # an evaluation
     logger.finish("finished")
 
 Only rank 0 logs; every other rank gets a logger whose methods do nothing, so the training loop never
 branches on rank. Each `log` call appends one JSON line `{"step": s, ...}` to `metrics.jsonl` and
 fsyncs it *before* wandb sees the numbers: a crash loses at most the step in flight, and analysis reads
-run dirs first (`analysis.runs`), wandb second. `log_eval` appends its own line (`eval/<bench>/<stat>`),
-which may share its step with that step's training line. `run.json` is shared with the training loop:
-both write it through `update_run_json` (read-modify-write, atomic), never a blind overwrite.
+run dirs first (`analysis.runs`), wandb second. An evaluation is logged as flat `eval/<bench>/<stat>`
+metrics (`mtp_occ.eval.runner.flat_metrics`; the training loop puts them in that step's line) with
+`samples_path`, which adds up to TABLE_MAX_ROWS samples (the first sample of each problem) as the wandb
+table `eval/samples`. `run.json` is shared with the training loop: both write it through
+`update_run_json` (read-modify-write, atomic), never a blind overwrite. File names and the atomic write
+are `mtp_occ.rundir`'s.
 
 wandb is imported lazily and can never take a run down: `online` without a login, or with the server
 unreachable, warns once and continues `offline` (files in `<run_dir>/wandb/offline-run-*`, readable
@@ -32,13 +35,12 @@ import json
 import os
 import secrets
 import string
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
-RUN_FILE = "run.json"
+from mtp_occ.rundir import RunDir, atomic_write_text
+
 WANDB_MODES = ("online", "offline", "disabled")
 INIT_TIMEOUT_S = 15.0  # bounds wandb's handshake with the server; on expiry we go offline
 TABLE_MAX_ROWS = 2000  # samples shown in the wandb eval table (all of them stay in samples.jsonl)
@@ -51,7 +53,7 @@ _warned_offline = False  # warn about an online -> offline fallback once per pro
 def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
     """The records of `run_dir/metrics.jsonl`, in file order. A torn last line (a crash mid-write) is
     skipped. Eval records may share a step with the training record of that step."""
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return []
     records = []
@@ -66,7 +68,7 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
 def truncate_metrics(run_dir: Path | str, resume_step: int) -> int:
     """Atomically rewrite `metrics.jsonl` keeping the complete lines with step <= `resume_step`.
     Returns the number of lines dropped."""
-    path = Path(run_dir) / METRICS_FILE
+    path = RunDir(run_dir).metrics
     if not path.exists():
         return 0
     lines = path.read_text().splitlines()
@@ -77,55 +79,32 @@ def truncate_metrics(run_dir: Path | str, resume_step: int) -> int:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    _atomic_write(path, "".join(line + "\n" for line in kept))
+    atomic_write_text(path, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
+
+
+def read_run_json(run_dir: Path | str) -> dict[str, Any]:
+    """`run_dir/run.json`, or {} before the first write."""
+    path = RunDir(run_dir).run_json
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def update_run_json(run_dir: Path | str, **fields: Any) -> dict[str, Any]:
     """Read-modify-write `run_dir/run.json` atomically (temp file + os.replace); returns the result.
     The training loop and the logger both write this file: use this, never a blind overwrite."""
-    path = Path(run_dir) / RUN_FILE
-    data = json.loads(path.read_text()) if path.exists() else {}
+    data = read_run_json(run_dir)
     data.update(fields)
-    _atomic_write(path, json.dumps(data, indent=2) + "\n")
+    atomic_write_text(RunDir(run_dir).run_json, json.dumps(data, indent=2) + "\n")
     return data
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, path.stat().st_mode & 0o777 if path.exists() else 0o644)  # mkstemp makes it 0600
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _stable_wandb_id(run_dir: Path) -> str:
-    path = run_dir / RUN_FILE
-    existing = json.loads(path.read_text()).get("wandb_id") if path.exists() else None
+    existing = read_run_json(run_dir).get("wandb_id")
     if existing:
         return existing
     # wandb's own alphabet and length; `wandb.util.generate_id` is gone in wandb 0.31
     new_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
     return update_run_json(run_dir, wandb_id=new_id)["wandb_id"]
-
-
-def flatten_eval(summary: dict[str, Any]) -> dict[str, float]:
-    """`eval/summary.json` -> {"eval/<bench>/{avg,pass,maj}": x, "eval/average/{avg,pass,maj}": x}."""
-    flat = {}
-    for bench, stats in summary.get("benchmarks", {}).items():
-        for stat in ("avg", "pass", "maj"):
-            if stats.get(stat) is not None:
-                flat[f"eval/{bench}/{stat}"] = float(stats[stat])
-    for stat, value in summary.get("average", {}).items():
-        if value is not None:
-            flat[f"eval/average/{stat}"] = float(value)
-    return flat
 
 
 # ------------------------------------------------------------------------------------------- logger
@@ -191,11 +170,6 @@ class RunLogger:
                 metrics = {**metrics, "eval/samples": table}
         self._wandb_log(metrics, step)
 
-    def log_eval(self, summary: dict[str, Any], step: int, samples_path: Path | str | None = None) -> None:
-        """Log an evaluation (`eval/summary.json`'s schema) as flat `eval/<bench>/<stat>` metrics, and
-        up to TABLE_MAX_ROWS samples (the first sample of each problem) as the wandb table `eval/samples`."""
-        self.log(flatten_eval(summary), step, samples_path)
-
     def finish(self, status: str = "finished") -> None:
         """Close metrics.jsonl and the wandb run (exit code 0 only for status "finished"). Idempotent."""
         if self._file is not None:
@@ -217,12 +191,12 @@ class RunLogger:
 
     # ------------------------------------------------------------------------------------- internals
     def _open_metrics(self, resume_step: int | None) -> None:
-        path = self.run_dir / METRICS_FILE
+        path, prev = RunDir(self.run_dir).metrics, RunDir(self.run_dir).metrics_prev
         if resume_step is not None:
             truncate_metrics(self.run_dir, resume_step)
         elif path.exists() and path.stat().st_size > 0:
-            os.replace(path, path.with_name(METRICS_FILE + ".prev"))
-            warnings.warn(f"{path} existed on a fresh start; moved it to {METRICS_FILE}.prev", stacklevel=3)
+            os.replace(path, prev)
+            warnings.warn(f"{path} existed on a fresh start; moved it to {prev.name}", stacklevel=3)
         self._file = open(path, "a")  # noqa: SIM115 - held open for the run's lifetime
 
     def _append(self, metrics: dict[str, Any], step: int) -> None:
@@ -290,7 +264,9 @@ def _scalar(value: Any) -> Any:
 def _samples_table(path: Path) -> Any:
     import wandb
 
-    columns = ["benchmark", "id", "sample", "prompt", "completion", "answer", "extracted", "score", "timeout"]
+    from mtp_occ.eval.runner import SAMPLE_FIELDS
+
+    columns = list(SAMPLE_FIELDS)
     rows = []
     with open(path) as f:
         for line in f:

@@ -87,10 +87,11 @@ def model_arch(cfg: Config) -> Arch | None:
     """The model's dimensions without loading weights: the config for `source=tiny`, a local config.json
     (a directory or the HF cache, never the network), else `KNOWN_ARCHS`; None when unknown."""
     m = cfg.model
-    if m.source.value == "tiny":
-        from mtp_occ.tasks.arith import build_tokenizer
+    if m.source.value == "tiny":  # the task's tokenizer sets the vocabulary (a compose-time check)
+        from mtp_occ.tasks import TASKS
 
-        return Arch(m.hidden_size, m.num_layers, m.num_heads, m.num_heads, m.intermediate_size, len(build_tokenizer()))
+        vocab = len(TASKS[cfg.data.source].tokenizer())
+        return Arch(m.hidden_size, m.num_layers, m.num_heads, m.num_heads, m.intermediate_size, vocab)
     try:
         from transformers import AutoConfig
 

@@ -53,7 +53,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -210,13 +209,11 @@ def _submitit_requeue_handler(handler: Any) -> Any:
 
 
 def _record_preemption(run_dir: Path, sig: signal.Signals, job: str | None) -> None:
-    import json
+    from mtp_occ.log import read_run_json, update_run_json
+    from mtp_occ.rundir import timestamp
 
-    from mtp_occ.log import RUN_FILE, update_run_json
-
-    path = run_dir / RUN_FILE
-    history = json.loads(path.read_text()).get("preemptions", []) if path.exists() else []
-    event = {"signal": sig.name, "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "slurm_job_id": job}
+    history = read_run_json(run_dir).get("preemptions", [])
+    event = {"signal": sig.name, "time": timestamp(), "slurm_job_id": job}
     update_run_json(run_dir, status="preempted", preemptions=[*history, event])
 
 

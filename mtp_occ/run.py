@@ -127,7 +127,7 @@ def _describe_ds(cfg: Config) -> str:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return f"ZeRO-{cfg.deepspeed.stage}, world {world} (set WORLD_SIZE to preview): " + json.dumps(
-        deepspeed_config(cfg, world))
+        deepspeed_config(cfg.algo, cfg.deepspeed, world))
 
 
 def _fmt_eval(summary: dict | None) -> str:

@@ -31,16 +31,19 @@ from mtp_occ.dist import DistInfo, broadcast_object, init_distributed, max_int, 
 from mtp_occ.engine import build_engine
 from mtp_occ.eval.policy import evaluate_policy
 from mtp_occ.eval.runner import flat_metrics
-from mtp_occ.eval.templates import format_prompt
-from mtp_occ.log import RunLogger, update_run_json
-from mtp_occ.model.load import build_policy
+from mtp_occ.eval.templates import get_template
+from mtp_occ.log import RunLogger, read_run_json, update_run_json
+from mtp_occ.policy import build_policy
 from mtp_occ.preempt import Preempted, PreemptionGuard, slurm_job_id
 from mtp_occ.provenance import environment, source_tree
 from mtp_occ.regimes import build_regime
 from mtp_occ.rl.grpo import dynamic_sampling_keep_G, group_advantages, overlong_penalty
 from mtp_occ.rollout import build_rollout
 from mtp_occ.rollout.hf import RolloutBatch, concat_batches
+from mtp_occ.rollout.sampling import SamplingSettings
+from mtp_occ.rundir import EvalDir, RunDir, timestamp
 from mtp_occ.schedules import build_schedule
+from mtp_occ.tasks import task_for
 from mtp_occ.update import old_logprobs, rl_update
 
 log = logging.getLogger(__name__)
@@ -57,20 +60,21 @@ def prepare_run_dir(cfg: Config, overrides: list[str]) -> Path:
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "overrides.txt").write_text("".join(f"{o}\n" for o in overrides))
-    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(plain_dict(cfg)))
-    prev = json.loads((run_dir / "run.json").read_text()) if (run_dir / "run.json").exists() else {}
+    RunDir(run_dir).overrides.write_text("".join(f"{o}\n" for o in overrides))
+    RunDir(run_dir).config.write_text(OmegaConf.to_yaml(plain_dict(cfg)))
+    prev = read_run_json(run_dir)
     tree = source_tree()
     update_run_json(run_dir, name=cfg.name, host=socket.gethostname(), git_commit=tree.get("commit"), git=tree,
                     env=environment(),
-                    start_time=prev.get("start_time") or time.strftime("%Y-%m-%dT%H:%M:%S%z"), end_time=None,
+                    start_time=prev.get("start_time") or timestamp(), end_time=None,
                     world_size=int(os.environ.get("WORLD_SIZE", 1)), slurm_job_id=slurm_job_id(),
                     status="running")
     return run_dir
 
 
 def check_environment(cfg: Config) -> None:
-    """Fail in milliseconds, before any model is built, on settings this machine cannot run."""
+    """Fail in milliseconds, before any model is built, on settings this machine cannot run (the checks
+    that do not depend on the machine run at compose time, `Config._check_across_groups`)."""
     cuda = torch.cuda.is_available()
     if cfg.rollout.backend.value == "vllm":  # a CUDA GPU, or vLLM's CPU build (package metadata: nothing imported)
         from mtp_occ.rollout.vllm import vllm_config_problem
@@ -78,8 +82,6 @@ def check_environment(cfg: Config) -> None:
         key, problem = vllm_config_problem(cfg, cuda)
         require(problem is None, key, problem or "")
     require(cuda or cfg.device != "cuda", "device", "cuda, but CUDA is not available on this machine; valid here: cpu, auto")
-    require(not (cfg.deepspeed.enabled and cfg.diagnostics.every), "diagnostics.every",
-            "needs deepspeed=none (ZeRO partitions the gradients it measures); set diagnostics.every=0")
 
 
 def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, step: int, d: DistInfo, backend):
@@ -87,7 +89,8 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
     all equal are dropped and refilled from fresh prompts (up to `dynamic_sampling_max_batches` tries)."""
     from mtp_occ.rewards import grade, reward_metrics
 
-    a, r, G = cfg.algo, cfg.rollout, cfg.algo.group_size
+    a, r, n = cfg.algo, cfg.rollout, cfg.algo.group_size  # n samples per prompt (G counts groups)
+    template, sampling = get_template(cfg.data.template), SamplingSettings.for_rollouts(r)
     batches, rewards, scores, verdicts, answers, tried = [], [], [], [], [], 0
     kept = 0
     backend.prepare(model)
@@ -95,27 +98,26 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
         share = a.prompts_per_step // d.world  # every rank advances the sampler; each takes its block
         idx = sampler.next(a.prompts_per_step)[d.rank * share:(d.rank + 1) * share]
         items = [prompts[i] for i in idx]
-        texts = [format_prompt(p.problem, cfg.data.template, tok) for p in items]
-        batch = backend.generate(tok, texts, G, temperature=r.temperature, top_p=r.top_p, top_k=r.top_k,
-                         max_new_tokens=r.max_new_tokens, max_prompt_len=r.max_prompt_len, batch_size=r.batch_size,
-                         seed=step_seed(cfg.seed, step, attempt), add_special_tokens=cfg.data.template == "plain",
-                         row_keys=(torch.tensor(idx).unsqueeze(1) * G + torch.arange(G)).reshape(-1),
-                         synced_gpus=cfg.deepspeed.enabled and cfg.deepspeed.stage == 3 and d.world > 1)
-        gold = [p.answer for p in items for _ in range(G)]
+        texts = [template.render(p.problem, tok) for p in items]
+        batch = backend.generate(tok, texts, n, sampling, seed=step_seed(cfg.seed, step, attempt),
+                                 add_special_tokens=template.add_special_tokens(tok),
+                                 row_keys=(torch.tensor(idx).unsqueeze(1) * n + torch.arange(n)).reshape(-1),
+                                 synced_gpus=cfg.deepspeed.enabled and cfg.deepspeed.stage == 3 and d.world > 1)
+        gold = [p.answer for p in items for _ in range(n)]
         v = grade(batch.completions, gold, grader=cfg.reward.grader, timeout_s=cfg.reward.timeout_s,
                   extract=cfg.reward.extract, workers=cfg.reward.workers or None)
         score_B = torch.tensor([x.score for x in v])
         reward_B = score_B + overlong_penalty(batch.response_len_B, r.max_new_tokens, a.overlong_buffer,
                                               a.overlong_factor)
         tried += len(items)
-        keep_G = dynamic_sampling_keep_G(reward_B, G) if a.dynamic_sampling else torch.ones(len(items), dtype=torch.bool)
-        rows = (keep_G.nonzero().squeeze(1).unsqueeze(1) * G + torch.arange(G)).reshape(-1)
-        rows = rows[: max(0, (a.prompts_per_step // d.world - kept) * G)]
+        keep_G = dynamic_sampling_keep_G(reward_B, n) if a.dynamic_sampling else torch.ones(len(items), dtype=torch.bool)
+        rows = (keep_G.nonzero().squeeze(1).unsqueeze(1) * n + torch.arange(n)).reshape(-1)
+        rows = rows[: max(0, (a.prompts_per_step // d.world - kept) * n)]
         batches.append(batch.select(rows))
         rewards.append(reward_B[rows]), scores.append(score_B[rows])
         verdicts += [v[i] for i in rows.tolist()]
         answers += [gold[i] for i in rows.tolist()]
-        kept += len(rows) // G
+        kept += len(rows) // n
         if kept >= a.prompts_per_step // d.world:
             break
     backend.release()
@@ -135,10 +137,8 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
         other = grade(batch.completions, answers, grader=cfg.reward.compare_with, timeout_s=cfg.reward.timeout_s,
                       extract=cfg.reward.extract)
         m["reward/disagreement"] = disagreement(verdicts, other)
-    if cfg.data.source.value == "arith":
-        from mtp_occ.tasks.arith import step_accuracy
-
-        m["arith/step_acc"] = sum(step_accuracy(c) for c in batch.completions) / len(batch)
+    if (task := task_for(cfg.data)) is not None:
+        m.update(task.rollout_metrics(batch.completions))
     return (batch, reward_B), m
 
 
@@ -162,10 +162,10 @@ def evaluate_base(cfg: Config, model, tok, run_dir: Path, base_dir: Path | None,
     every rank together; rank 0 gets the summary, the others {})."""
     import hashlib
 
-    own = run_dir / "eval" / "base" / "summary.json"
+    own = RunDir(run_dir).base_eval.summary
     spec = plain_dict(cfg.eval) | ({"bf16": True} if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else {})
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
-    cached = base_dir / f"eval_{key}" / "summary.json" if base_dir else None
+    cached = EvalDir(base_dir / f"eval_{key}").summary if base_dir else None
     found = None
     if d.is_main:
         found = next((json.loads(f.read_text()) for f in (own, cached) if f is not None and f.exists()), None)
@@ -174,7 +174,7 @@ def evaluate_base(cfg: Config, model, tok, run_dir: Path, base_dir: Path | None,
             own.parent.mkdir(parents=True, exist_ok=True)
             own.write_text(json.dumps(found, indent=1))
         return found or {}
-    summary = evaluate_policy(cfg, model, tok, run_dir / "eval" / "base", None, d, backend)
+    summary = evaluate_policy(cfg, model, tok, RunDir(run_dir).base_eval.root, None, d, backend)
     if cached is not None and d.is_main:
         cached.parent.mkdir(exist_ok=True)
         cached.write_text(json.dumps(summary, indent=1))
@@ -191,16 +191,17 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     if cfg.threads:  # before the run dir records the environment
         torch.set_num_threads(cfg.threads)
     run_dir = prepare_run_dir(cfg, overrides) if d.is_main else cfg.run_dir
+    files = RunDir(run_dir)
     torch.manual_seed(cfg.seed)
     model, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)  # one base for all RL seeds
     model.to(d.device)
     sampler = PromptSampler(len(prompts), cfg.seed, cfg.data.shuffle)
     regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)
-    engine = build_engine(model, cfg, d.world)
-    backend = build_rollout(cfg, model, str(base_dir) if base_dir else cfg.model.name_or_path or None, cfg.seed)
+    engine = build_engine(model, cfg.algo, cfg.deepspeed, total_steps=cfg.steps, world=d.world)
+    backend = build_rollout(cfg.rollout, cfg.model, model, str(base_dir) if base_dir else cfg.model.name_or_path or None, cfg.seed)
     # the starting policy's score, before any checkpoint is loaded into the model (cached per base)
     base_eval = evaluate_base(cfg, model, tok, run_dir, base_dir, d, backend) if cfg.eval.enabled else None
-    ckpt_root, start, faults = run_dir / "checkpoints", 0, 0
+    ckpt_root, start, faults = files.checkpoints, 0, 0
     if (last := checkpoint.latest(ckpt_root)) is not None:
         st = checkpoint.load(last)
         engine.load_state_dict(st["engine"]), engine.load_shards(last)
@@ -237,17 +238,17 @@ def train(cfg: Config, overrides: list[str]) -> dict:
                     if bad_streak >= cfg.algo.max_bad_steps:
                         raise FloatingPointError(f"step {step}: {bad_streak} consecutive steps with every update skipped "
                                                  f"for a non-finite {res.bad_term} term; lower algo.lr or check the data")
-                engine.lr_sched.step()
+                engine.scheduler_step()
                 t3 = time.perf_counter()
                 metrics = mean_metrics({**metrics, "lr": engine.lr(), "fault/skipped_total": float(faults),
                                         "time/rollout_s": t1 - t0, "time/old_logprob_s": t2 - t1,
                                         "time/update_s": t3 - t2, "time/step_s": t3 - t0})
                 samples = None
                 if cfg.eval.enabled and (step == cfg.steps or (cfg.eval_every and step % cfg.eval_every == 0)):
-                    summary = evaluate_policy(cfg, model, tok, run_dir / "eval", step, d, backend)  # every rank
+                    summary = evaluate_policy(cfg, model, tok, files.eval.root, step, d, backend)  # every rank
                     if d.is_main:
                         metrics.update(flat_metrics(summary))
-                        samples = run_dir / "eval" / "samples.jsonl"
+                        samples = files.eval.samples
                 logger.log(metrics, step, samples_path=samples)
                 stop = max_int(guard.requested)  # one signalled rank stops every rank after this step
                 if stop or step == cfg.steps or (cfg.save_every and step % cfg.save_every == 0):
@@ -266,13 +267,13 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     except BaseException:  # a crash (or Ctrl-C) is recorded as such, in run.json and in wandb
         logger.finish("failed")
         if d.is_main:
-            update_run_json(run_dir, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status="failed")
+            update_run_json(run_dir, end_time=timestamp(), status="failed")
         raise
-    if summary is None and d.is_main and (run_dir / "eval" / "summary.json").exists():  # re-run of a finished run
-        summary = json.loads((run_dir / "eval" / "summary.json").read_text())
+    if summary is None and d.is_main and files.eval.summary.exists():  # re-run of a finished run
+        summary = json.loads(files.eval.summary.read_text())
     logger.finish("finished")
     if d.is_main:
-        update_run_json(run_dir, end_time=time.strftime("%Y-%m-%dT%H:%M:%S%z"), status="finished")
+        update_run_json(run_dir, end_time=timestamp(), status="finished")
     backend.close()
     shutdown()
     return {"run_dir": str(run_dir), "base_eval": base_eval, "final_eval": summary, "last_metrics": metrics,

@@ -18,7 +18,7 @@ micro-batch's own forward and nothing extra runs).
 With a token budget, `old_logprobs` runs each mini-batch through exactly the micro-batches the update
 will use, so at the first update logp and logp_old come from the same computation on the same tensors.
 
-Gradient clipping treats the shared model and the MTP layers as two groups (see `clip_grads`).
+Gradient clipping treats the shared model and the MTP layers as two groups (`mtp_occ.engine.clip_grads`).
 Non-finite gradients skip the update (`fault/skipped_updates`) and the caller stops the run when that
 repeats; the message names the term that went non-finite (pg, mtp, or OCC's λ).
 """
@@ -33,6 +33,7 @@ import torch
 
 from mtp_occ.config import AlgoConfig
 from mtp_occ.dist import SUMMED, max_int, sum_floats
+from mtp_occ.engine import Engine
 from mtp_occ.microbatch import check_packing, cut, forward, micro_batch_rows
 from mtp_occ.model.mtp import MTPModel
 from mtp_occ.regimes import MtpTermInputs, Regime
@@ -97,8 +98,10 @@ def _term_inputs(out, mb: RolloutBatch, old_BT, adv_B, algo: AlgoConfig, denoms:
                            dual_clip=algo.dual_clip, agg=algo.agg, level=algo.level.value, denom=denom,
                            token_weight_BT=mb.token_weight_BT)
 
-    return MtpTermInputs(out.logprob_BT, old_BT, out.mtp_logprob_KBT, out.mtp_ce_mask_KBT, out.mtp_rl_mask_KBT,
-                         denoms["mtp_tokens"], denoms["mtp"], loss_fn, coef_scale)
+    return MtpTermInputs(logprob_BT=out.logprob_BT, old_logprob_BT=old_BT, mtp_logprob_KBT=out.mtp_logprob_KBT,
+                         mtp_ce_mask_KBT=out.mtp_ce_mask_KBT, mtp_rl_mask_KBT=out.mtp_rl_mask_KBT,
+                         mtp_tokens_K=denoms["mtp_tokens"], mtp_denom_K=denoms["mtp"], policy_loss_fn=loss_fn,
+                         coef_scale=coef_scale)
 
 
 def _micro_batch(batch: RolloutBatch, mb: RolloutBatch, mb_old, mb_adv, parts: list, i: int, algo: AlgoConfig):
@@ -150,15 +153,6 @@ def _micro_step(model, engine, regime: Regime, mb: RolloutBatch, old_BT, adv_B, 
     return metrics, bad
 
 
-def clip_grads(model: MTPModel, max_norm: float) -> tuple[float, float]:
-    """Clip the shared model and the MTP layers as two groups. With one global norm, the MTP loss would
-    change the shared weights' update under `detach` through the clipping coefficient alone."""
-    limit = max_norm or float("inf")
-    norm = torch.nn.utils.clip_grad_norm_(model.lm.parameters(), limit)
-    mtp_norm = torch.nn.utils.clip_grad_norm_(model.mtp.parameters(), limit)
-    return float(norm), float(mtp_norm)
-
-
 def _merge_micro(micro: list[dict[str, float]]) -> dict[str, float]:
     """Losses (`SUMMED`) are already normalised by the mini-batch, so they add up; everything else is averaged."""
     keys = {k for m in micro for k in m}
@@ -186,7 +180,7 @@ def _null_batch(like: RolloutBatch) -> RolloutBatch:
                         like.completions[:1], 0)
 
 
-def rl_update(model: MTPModel, engine, regime: Regime, batch: RolloutBatch, old_BT: torch.Tensor,
+def rl_update(model: MTPModel, engine: Engine, regime: Regime, batch: RolloutBatch, old_BT: torch.Tensor,
               adv_B: torch.Tensor, algo: AlgoConfig, *, coef_scale: float, temperature: float,
               group_size: int, first_group: int = 0, diagnose: bool = False) -> UpdateResult:
     """All mini-batch updates of one RL step through `engine` (`mtp_occ.engine`); returns metrics averaged

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import yaml
 
+from mtp_occ.eval.runner import flat_metrics
 from mtp_occ.log import RunLogger, update_run_json
+from mtp_occ.rundir import RunDir
 
 REGIMES = ("detach", "ce", "policy", "occ")
 SEEDS = (0, 1)
@@ -71,8 +73,8 @@ def write_run(sweep_dir: Path, regime: str, seed: int, *, lam: float, schedule: 
     run_dir = sweep_dir / name
     config = _config(name, sweep_dir, regime, seed, lam, schedule)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
-    (run_dir / "overrides.txt").write_text(f"regime={regime}\nseed={seed}\nregime.lam={lam}\n")
+    RunDir(run_dir).config.write_text(yaml.safe_dump(config, sort_keys=False))
+    RunDir(run_dir).overrides.write_text(f"regime={regime}\nseed={seed}\nregime.lam={lam}\n")
     update_run_json(run_dir, name=name, host="testhost", git_commit="0" * 40, start_time="2026-01-01",
                     end_time=None, world_size=1, slurm_job_id=None, status="running", wandb_id=None)
     mode = "offline" if name in wandb_runs else "disabled"
@@ -82,7 +84,7 @@ def write_run(sweep_dir: Path, regime: str, seed: int, *, lam: float, schedule: 
         if step in EVAL_STEPS:
             summary = _summary(base - 0.05 * (step != STEPS), seed, step)
             samples = _write_eval(run_dir, summary, final=step == STEPS)
-            logger.log_eval(summary, step=step, samples_path=samples)
+            logger.log(flat_metrics(summary), step=step, samples_path=samples)  # a line of its own, same step
     logger.finish("finished")
     update_run_json(run_dir, status="finished", end_time="2026-01-01T01:00:00")
     return run_dir
@@ -123,10 +125,11 @@ def _summary(base: float, seed: int, step: int) -> dict:
 
 def _write_eval(run_dir: Path, summary: dict, final: bool) -> Path:
     """Final summary.json and samples.jsonl (a mid-run eval only writes its samples to a side file)."""
-    (run_dir / "eval").mkdir(exist_ok=True)
+    evals = RunDir(run_dir).eval
+    evals.root.mkdir(exist_ok=True)
     if final:
-        (run_dir / "eval" / "summary.json").write_text(json.dumps(summary, indent=2))
-    samples = run_dir / "eval" / ("samples.jsonl" if final else f"samples_step{summary['step']}.jsonl")
+        evals.summary.write_text(json.dumps(summary, indent=2))
+    samples = evals.samples if final else evals.root / f"samples_step{summary['step']}.jsonl"
     with open(samples, "w") as f:
         for b in BENCHMARKS:
             for sample in range(2):

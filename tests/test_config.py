@@ -18,7 +18,7 @@ def _override(path: Path) -> str:
 
 
 # options that only make sense together with another group's option
-COMPANIONS = {"data=dapo_math_17k": ["eval=math6"]}
+COMPANIONS = {"data=dapo_math_17k": ["eval=math6", "model=smollm2_135m"]}
 
 
 @pytest.mark.parametrize("path", GROUP_FILES, ids=lambda p: _override(p))

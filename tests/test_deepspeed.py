@@ -2,6 +2,7 @@
 PyTorch update, engine checkpoints resume exactly, and two processes match one."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -20,7 +21,7 @@ FAST = [*TINY, "eval.enabled=false", "regime=occ"]
 def test_deepspeed_config_is_derived_without_auto_values():
     cfg = compose(["deepspeed=zero2", "algo.prompts_per_step=8", "algo.group_size=4", "algo.updates_per_step=2",
                    "algo.micro_batch_size=4", "algo.grad_clip=0.5", "deepspeed.offload_optimizer=true"])
-    ds = deepspeed_config(cfg, world=2)
+    ds = deepspeed_config(cfg.algo, cfg.deepspeed, world=2)
     # 8x4 rollouts / 2 updates = 16 per update, 8 per rank, micro 4 -> 2 accumulation steps
     assert ds["train_micro_batch_size_per_gpu"] == 4 and ds["gradient_accumulation_steps"] == 2
     assert ds["train_batch_size"] == 4 * 2 * 2 and ds["gradient_clipping"] == 0.5
@@ -45,6 +46,9 @@ def test_every_zero_stage_computes_the_plain_update(tmp_path, stage):
     zero = _run(tmp_path / f"z{stage}", "steps=1", f"deepspeed=zero{stage}")
     for k in ("loss/pg", "loss/mtp", "occ/lambda", "occ/c_hat", "reward/mean"):
         assert zero[0][k] == pytest.approx(plain[0][k], rel=1e-4, abs=1e-7), k
+    # DeepSpeed clips one global norm over partitioned gradients: the MTP norm is not measured, and says so
+    assert math.isnan(zero[0]["grad/mtp_norm"]) and math.isfinite(plain[0]["grad/mtp_norm"])
+    assert math.isfinite(zero[0]["grad/norm"])
 
 
 @pytest.mark.slow
@@ -52,8 +56,9 @@ def test_zero2_engine_checkpoint_resumes_exactly(tmp_path):
     ref = _run(tmp_path / "ref", "steps=3", "deepspeed=zero2")
     _run(tmp_path / "cut", "steps=2", "deepspeed=zero2")
     resumed = _run(tmp_path / "cut", "steps=3", "deepspeed=zero2")
-    def strip(rows):
-        return [{k: v for k, v in r.items() if not k.startswith("time/")} for r in rows]
+    def strip(rows):  # NaN (the unmeasured grad/mtp_norm) as a string, since NaN != NaN
+        return [{k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in r.items()
+                 if not k.startswith("time/")} for r in rows]
 
     assert [r["step"] for r in resumed] == [1, 2, 3]
     assert strip(ref) == strip(resumed)

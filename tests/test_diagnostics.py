@@ -35,7 +35,7 @@ def _setup(regime: str, updates: int):
 
 def _update(cfg, model, batch, adv, diagnose):
     old = old_logprobs(model, batch, 0, 1.0)
-    engine = TorchEngine(model, cfg)
+    engine = TorchEngine(model, cfg.algo, total_steps=cfg.steps)
     res = rl_update(model, engine, build_regime(cfg.regime), batch, old, adv, cfg.algo, coef_scale=1.0,
                     temperature=1.0, group_size=2, diagnose=diagnose)
     return res.metrics

@@ -10,6 +10,7 @@ from mtp_occ.eval.benchmarks import BENCHMARK_NAMES, Benchmark, Problem, load_be
 from mtp_occ.eval.compare import compare_runs, format_table, main
 from mtp_occ.eval.runner import evaluate, flat_metrics
 from mtp_occ.eval.templates import BOXED_INSTRUCTION, TEMPLATES, format_prompt
+from mtp_occ.rundir import TMP_MARK
 
 SETTINGS_KEYS = {"template", "temperature", "top_p", "max_new_tokens", "k", "grader", "timeout_s", "seed",
                  "limit"}
@@ -67,7 +68,7 @@ def test_summary_matches_the_schema(evaluated):
             lo, hi = stats[f"{m}_ci"]
             assert 0.0 <= lo <= stats[m] <= hi <= 1.0
     assert summary["average"] == pytest.approx({"avg": 0.5, "pass": 2 / 3, "maj": 1 / 3})
-    assert not [p for p in out.rglob("*.tmp")]  # atomic writes leave no temp files
+    assert not [p for p in out.rglob(f"*{TMP_MARK}*")]  # atomic writes leave no temp files
 
 
 def test_samples_jsonl_has_every_sample(evaluated):

@@ -36,7 +36,7 @@ def test_paper_presets_dry_run_with_the_batch_arithmetic(name, tmp_path):
     assert a.lr == 1e-6 and a.lr_warmup_steps == 10 and a.weight_decay == 0.1 and a.grad_clip == 1.0
     assert (cfg.rollout.max_prompt_len, cfg.rollout.max_new_tokens, cfg.steps) == (2048, 8192, 200)
     assert cfg.eval.k == 32 and len(cfg.eval.benchmarks) == 6 and cfg.model.name == "mimo_7b"
-    ds = deepspeed_config(cfg, world=128)
+    ds = deepspeed_config(cfg.algo, cfg.deepspeed, world=128)
     per_update = 128 * 16 // 4
     assert ds["train_batch_size"] == per_update and ds["zero_optimization"]["stage"] == 3
     p = subprocess.run([sys.executable, "-m", "mtp_occ.run", f"experiment={name}", "dry_run=true",

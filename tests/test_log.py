@@ -8,6 +8,7 @@ from fixtures_runs import isolate_wandb, reset_wandb
 
 from analysis.runs import find_wandb_files, load_wandb_offline
 from mtp_occ import log
+from mtp_occ.eval.runner import flat_metrics
 from mtp_occ.log import RunLogger, WandbFallbackWarning, read_metrics, update_run_json
 
 
@@ -63,7 +64,7 @@ def test_fresh_start_keeps_an_old_metrics_file_aside(tmp_path):
 def test_other_ranks_write_nothing(tmp_path):
     logger = RunLogger(tmp_path / "run", config={}, name="r", mode="offline", rank=1)
     logger.log({"x": 1.0}, step=1)
-    logger.log_eval({"benchmarks": {}, "average": {"avg": 0.5}}, step=1)
+    logger.log({"eval/average/avg": 0.5}, step=1, samples_path=tmp_path / "samples.jsonl")
     logger.finish()
     assert not (tmp_path / "run").exists()
 
@@ -126,7 +127,7 @@ def test_online_with_unreachable_server_falls_back_to_offline(tmp_path, monkeypa
     assert read_metrics(tmp_path) == [{"step": 1, "x": 1.0}]
 
 
-def test_log_eval_writes_flat_metrics_and_a_bounded_table(tmp_path, monkeypatch):
+def test_an_eval_logs_flat_metrics_and_a_bounded_samples_table(tmp_path, monkeypatch):
     monkeypatch.setattr(log, "TABLE_MAX_ROWS", 3)
     monkeypatch.setattr(log, "TABLE_MAX_CHARS", 20)
     samples = tmp_path / "samples.jsonl"
@@ -137,7 +138,7 @@ def test_log_eval_writes_flat_metrics_and_a_bounded_table(tmp_path, monkeypatch)
     summary = {"step": 7, "benchmarks": {"aime24": aime},
                "average": {"avg": 0.25, "pass": 0.5, "maj": 0.3}}
     logger = RunLogger(tmp_path, config={}, name="r", mode="offline")
-    logger.log_eval(summary, step=7, samples_path=samples)
+    logger.log(flat_metrics(summary), step=7, samples_path=samples)
     logger.finish()
     assert read_metrics(tmp_path) == [{"step": 7, "eval/aime24/avg": 0.25, "eval/aime24/pass": 0.5,
                                        "eval/aime24/maj": 0.3, "eval/average/avg": 0.25,

@@ -64,8 +64,8 @@ def test_cut_trims_to_the_real_columns_and_keeps_alignment():
 class RecordingEngine(TorchEngine):
     """The plain engine, keeping every update's summed gradients (what the optimizer is handed)."""
 
-    def __init__(self, model, cfg):
-        super().__init__(model, cfg)
+    def __init__(self, model, algo, *, total_steps):
+        super().__init__(model, algo, total_steps=total_steps)
         self.grads: list[dict[str, torch.Tensor]] = []
 
     def step(self, finite, before_clip=None):
@@ -86,13 +86,15 @@ def _run(regime, agg, extra, level="token"):
     model = _model()
     batch, adv = _batch()
     old = old_logprobs(model, batch, cfg.algo, 1.0)
-    engine = RecordingEngine(model, cfg)
+    engine = RecordingEngine(model, cfg.algo, total_steps=cfg.steps)
     res = rl_update(model, engine, build_regime(cfg.regime), batch, old, adv, cfg.algo,
                     coef_scale=1.0, temperature=1.0, group_size=2)
     return cfg, model, old, res.metrics, engine.grads
 
 
-BUDGET = ["algo.max_tokens_per_micro_batch=24"]  # several micro-batches of 1-3 rows per mini-batch
+# several micro-batches of 1-3 rows per mini-batch (the synthetic rows are 14 tokens; the rollout lengths
+# only bound the budget at compose time)
+BUDGET = ["algo.max_tokens_per_micro_batch=24", "rollout.max_prompt_len=8", "rollout.max_new_tokens=16"]
 
 
 @pytest.mark.parametrize("regime,agg,level", [("policy", "token-mean", "token"), ("ce", "seq-mean-token-mean", "token"),
@@ -137,7 +139,7 @@ def _run_occ(extra, monkeypatch=None):
     batch, adv = _batch()
     old = old_logprobs(model, batch, cfg.algo, 1.0)
     old = old + 0.05 * torch.randn(old.shape, generator=torch.Generator().manual_seed(1))
-    engine = RecordingEngine(model, cfg)
+    engine = RecordingEngine(model, cfg.algo, total_steps=cfg.steps)
     res = rl_update(model, engine, build_regime(cfg.regime), batch, old, adv, cfg.algo,
                     coef_scale=1.0, temperature=1.0, group_size=2)
     return cfg, res.metrics, engine.grads

@@ -36,7 +36,7 @@ def test_contract(name):
     regime = build_regime(REGIME_CONFIGS[name])
     x = _inputs()
     t = regime.mtp_term(x)
-    term, metrics = t.value, t.metrics
+    term, metrics = t.lam * t.loss, t.metrics
     assert term.ndim == 0 and torch.isfinite(term)
     assert "mtp/lambda" in metrics and "mtp/ce" in metrics
     term.backward()
@@ -93,14 +93,14 @@ def test_occ_compat_scales_the_advantages_and_occ_the_loss():
     l_scaled_adv = policy_loss(x.mtp_logprob_KBT[0], old, lam * adv, mask, denom=denom)[0]  # L(λ·A)
     l_scaled_loss = lam * policy_loss(x.mtp_logprob_KBT[0], old, adv, mask, denom=denom)[0]  # λ·L(A)
     assert abs((l_scaled_adv - l_scaled_loss).item()) > 0.1 * abs(l_scaled_loss.item())  # they clip differently
-    assert compat.value.item() == pytest.approx(l_scaled_adv.item(), rel=1e-6)
+    assert (compat.lam * compat.loss).item() == pytest.approx(l_scaled_adv.item(), rel=1e-6)
     occ = build_regime(REGIME_CONFIGS["occ"]).mtp_term(_negative_lambda_inputs())
     ref = occ.lam * policy_loss(x.mtp_logprob_KBT[0], old, adv, mask, denom=denom)[0]
-    assert occ.lam < 0 and occ.value.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert occ.lam < 0 and (occ.lam * occ.loss).item() == pytest.approx(ref.item(), rel=1e-6)
     # λ ≥ 0: the two forms agree (the clipped surrogate is positively homogeneous in A)
     pos = build_regime(REGIME_CONFIGS["occ_compat"]).mtp_term(_inputs())
     assert pos.lam > 0
-    assert pos.value.item() == pytest.approx(
+    assert (pos.lam * pos.loss).item() == pytest.approx(
         policy_loss(_inputs().mtp_logprob_KBT[0], old, pos.lam * adv, mask, denom=denom)[0].item(), rel=1e-6)
 
 
@@ -130,3 +130,99 @@ def test_occ_one_lambda_per_update_fixes_lambda_and_steps_the_ema_once():
 def test_schedules(name, p, expected):
     f = build_schedule(compose([f"coef_schedule={name}"]).coef_schedule)
     assert f(p) == pytest.approx(expected)
+
+
+NEW_REGIME = '''"""`half_ce`: ce with half the coefficient (a regime written for a test, in one file)."""
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from mtp_occ.config import RegimeConfig
+from mtp_occ.regimes import MtpTerm, Stateless, mtp_ce, register
+
+
+@dataclass
+class HalfCeConfig(RegimeConfig):
+    coef_keys: ClassVar[tuple[str, ...]] = ("mu",)
+    name: str = "half_ce"
+    mu: float = 0.2
+
+    def build(self):
+        return HalfCe(self)
+
+
+class HalfCe(Stateless):
+    def __init__(self, cfg):
+        self.cfg, self.grad_path = cfg, cfg.grad_path
+
+    def mtp_term(self, x):
+        loss, metrics = mtp_ce(x)
+        lam = 0.5 * self.cfg.mu * x.coef_scale
+        return MtpTerm(loss, lam, {**metrics, "mtp/lambda": lam})
+
+
+register(HalfCeConfig())
+'''
+
+
+@pytest.mark.slow
+def test_a_new_regime_is_one_file_and_nothing_else(tmp_path):
+    """Write a regime module into a copy of the package, touch nothing else, and train with it."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from test_train import TINY
+
+    repo = Path(__file__).resolve().parent.parent
+    copy = tmp_path / "copy"
+    shutil.copytree(repo / "mtp_occ", copy / "mtp_occ", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(repo / "conf", copy / "conf")
+    (copy / "mtp_occ" / "regimes" / "half_ce.py").write_text(NEW_REGIME)
+    env = {**os.environ, "WANDB_MODE": "disabled", "PYTHONPATH": str(copy)}
+    probe = subprocess.run([sys.executable, "-c", "import mtp_occ, mtp_occ.regimes as r; print(mtp_occ.__file__);"
+                            "print(r.coefficient_keys('half_ce'), r.is_calibrated('half_ce'))"],
+                           cwd=copy, env=env, capture_output=True, text=True, timeout=120)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    assert probe.stdout.splitlines() == [str(copy / "mtp_occ" / "__init__.py"), "('mu',) False"]
+    p = subprocess.run([sys.executable, "-m", "mtp_occ.run", *TINY, "steps=1", "eval.enabled=false",
+                        "regime=half_ce", "regime.mu=0.4", f"run_root={tmp_path / 'runs'}"],
+                       cwd=copy, env=env, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-4000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert run_dir.name.startswith("regime=half_ce,regime.mu=0.4")  # its coefficient key names the run early
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert row["mtp/lambda"] == pytest.approx(0.2) and row["loss/mtp"] != 0.0
+    bad = subprocess.run([sys.executable, "-m", "mtp_occ.run", "regime=half_ce", "regime.lam=1", "dry_run=true"],
+                         cwd=copy, env=env, capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "lam" in bad.stderr  # a key the regime does not declare is refused
+
+
+def test_a_regime_config_without_build_is_refused_at_registration():
+    from dataclasses import dataclass
+
+    from mtp_occ.config import RegimeConfig
+    from mtp_occ.regimes import register
+
+    @dataclass
+    class NoBuild(RegimeConfig):
+        name: str = "no_build"
+
+    with pytest.raises(TypeError, match="must define build"):
+        register(NoBuild())
+
+
+def test_regime_lam_is_unknown_under_occ():
+    """OCC's coefficient is `lambda_plus`; a fixed-λ key on it used to be accepted and ignored."""
+    from hydra.errors import ConfigCompositionException
+
+    from mtp_occ.config import ConfigError
+
+    with pytest.raises(ConfigCompositionException, match="regime.lam"):
+        compose(["regime=occ", "regime.lam=5"])
+    with pytest.raises(ConfigError, match="regime.lam.*unknown key.*lambda_plus"):
+        compose(["regime=occ", "+regime.lam=5"])
+    assert compose(["regime=policy", "regime.lam=5"]).regime.lam == 5

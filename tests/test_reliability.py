@@ -233,15 +233,15 @@ def _nan_policy_loss(monkeypatch):
 
 def _inf_gradient(monkeypatch):
     """A finite loss whose gradient is not: the embedding's gradient is set to inf before clipping."""
-    import mtp_occ.update
+    import mtp_occ.engine
 
-    real = mtp_occ.update.clip_grads
+    real = mtp_occ.engine.clip_grads
 
     def clip_grads(model, max_norm):
         model.lm.get_input_embeddings().weight.grad.fill_(float("inf"))
         return real(model, max_norm)
 
-    monkeypatch.setattr(mtp_occ.update, "clip_grads", clip_grads)
+    monkeypatch.setattr(mtp_occ.engine, "clip_grads", clip_grads)
 
 
 def _all_finite(ckpt_dir: Path) -> bool:
@@ -312,6 +312,12 @@ COMPOSE_CASES = [
     (["eval.temperature=0"], "eval.k", "k=1"),
     (["data.source=jsonl"], "data.path", "file path"),  # conflicting paths
     (["data=dapo_math_17k"], "eval.benchmarks", "data=arith"),
+    (["data=dapo_math_17k", "eval=math6"], "data.source", "model=smollm2_135m"),  # tiny needs a task's tokenizer
+    (["data.source=nope"], "data.source", "arith, jsonl, hub"),
+    (["deepspeed=zero2", "diagnostics.every=2"], "diagnostics.every", "deepspeed=none"),
+    (["algo.pack_sequences=true", "model.attn_implementation=paged"], "algo.pack_sequences", "sdpa"),
+    (["algo.max_tokens_per_micro_batch=50"], "algo.max_tokens_per_micro_batch", "at least 80"),
+    (["regime=occ", "+regime.lam=5"], "regime.lam", "lambda_plus"),  # occ's coefficient is λ₊
     (["eval.benchmarks=[aime24,aime26]"], "eval.benchmarks", "olympiadbench"),
     (["reward.grader=gpt_judge"], "reward.grader", "math_verify"),
     (["data.template=chatml"], "data.template", "qwen_boxed"),

@@ -12,7 +12,8 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @pytest.fixture(scope="module")
 def smollm2():
-    from mtp_occ.model.load import build_policy, smollm2_dir
+    from mtp_occ.model.load import smollm2_dir
+    from mtp_occ.policy import build_policy
 
     try:
         path = smollm2_dir()
@@ -49,9 +50,10 @@ def test_loads_with_a_fresh_mtp_layer_and_runs_the_forward(smollm2):
 @pytest.mark.slow
 def test_generates_with_the_reference_backend(smollm2):
     from mtp_occ.rollout.hf import generate
+    from mtp_occ.rollout.sampling import SamplingSettings
 
     model, tok = smollm2
     prompt = tok.apply_chat_template([{"role": "user", "content": "Say hi."}], tokenize=False, add_generation_prompt=True)
-    batch = generate(model.lm, tok, [prompt], 2, temperature=1.0, max_new_tokens=6, max_prompt_len=64,
+    batch = generate(model.lm, tok, [prompt], 2, SamplingSettings(temperature=1.0, max_new_tokens=6, max_prompt_len=64),
                      add_special_tokens=False)
     assert len(batch.completions) == 2 and batch.response_len_B.max() >= 1

@@ -138,7 +138,7 @@ def test_rl_seeds_share_one_base_and_one_heldout_set():
 
     a, b = compose([*TINY, "seed=0"]), compose([*TINY, "seed=1"])
     assert base_key(a.model, a.data, a.model.pretrain.seed) == base_key(b.model, b.data, b.model.pretrain.seed)
-    assert build_benchmarks(a)[0].problems == build_benchmarks(b)[0].problems
+    assert build_benchmarks(a.eval, a.data)[0].problems == build_benchmarks(b.eval, b.data)[0].problems
     c = compose([*TINY, "model.pretrain.seed=1"])
     assert base_key(c.model, c.data, c.model.pretrain.seed) != base_key(a.model, a.data, a.model.pretrain.seed)
 

@@ -18,6 +18,7 @@ import torch
 from mtp_occ.config import ConcatOrder, ModelConfig
 from mtp_occ.model.load import build_tiny
 from mtp_occ.rollout import VllmBackend
+from mtp_occ.rollout.sampling import SamplingSettings
 from mtp_occ.rollout.vllm import VllmRollout
 from mtp_occ.tasks.arith import build_tokenizer
 from mtp_occ.update import old_logprobs
@@ -108,7 +109,7 @@ def _rollout(model, tok, llm, temperature=0.7, n=3, sleep_level=2):
     backend = VllmBackend(VllmRollout(llm, speculative=False, sleep_level=sleep_level))
     backend.release()
     backend.prepare(model)  # wake + sync, as before every step's rollouts
-    batch = backend.generate(tok, PROMPTS, n, temperature=temperature, max_new_tokens=12, max_prompt_len=16,
+    batch = backend.generate(tok, PROMPTS, n, SamplingSettings(temperature=temperature, max_new_tokens=12, max_prompt_len=16),
                              seed=5, row_keys=torch.arange(len(PROMPTS) * n) + 100)
     backend.release()
     return backend, batch
@@ -124,9 +125,9 @@ def test_sleep_wake_cycle_and_level_2_needs_a_sync_before_sampling(fake_vllm, po
     backend.engine.wake()
     if level == 2:  # the weights were discarded: sampling now would draw from garbage
         with pytest.raises(RuntimeError, match="before sync_weights"):
-            backend.generate(tok, PROMPTS, 1, temperature=1.0, max_new_tokens=4, max_prompt_len=16)
+            backend.generate(tok, PROMPTS, 1, SamplingSettings(temperature=1.0, max_new_tokens=4, max_prompt_len=16))
     else:
-        backend.generate(tok, PROMPTS, 1, temperature=1.0, max_new_tokens=4, max_prompt_len=16)
+        backend.generate(tok, PROMPTS, 1, SamplingSettings(temperature=1.0, max_new_tokens=4, max_prompt_len=16))
 
 
 def test_tis_weights_and_mismatch_metric_from_the_batch(fake_vllm, policy):
@@ -156,7 +157,7 @@ cfg = compose(["deepspeed=zero3", "algo.prompts_per_step=2", "algo.group_size=2"
                "eval.enabled=false", "wandb.mode=disabled"])
 model = build_tiny(cfg.model, vocab_size=40, pad_id=0, bos_id=1, eos_id=2, seed=0)
 full = {k: v.clone() for k, v in model.lm.named_parameters()}
-engine = build_engine(model, cfg, d.world)
+engine = build_engine(model, cfg.algo, cfg.deepspeed, total_steps=cfg.steps, world=d.world)
 assert all(p.numel() == 0 or hasattr(p, "ds_id") for p in model.lm.parameters())
 assert any(p.data.numel() == 0 for p in model.lm.parameters()), "ZeRO-3 did not partition"
 got = dict(full_named_parameters(model.lm))

@@ -24,6 +24,7 @@ from mtp_occ.config import ModelConfig, ModelSource
 from mtp_occ.model.load import build_tiny, load_pretrained, save_model
 from mtp_occ.model.mtp import aligned_masks
 from mtp_occ.rollout import VllmBackend
+from mtp_occ.rollout.sampling import SamplingSettings
 from mtp_occ.rollout.vllm import SPEC_COUNTERS, VllmRollout, logprob_mismatch, on_worker
 from mtp_occ.tasks.arith import build_tokenizer
 
@@ -41,9 +42,8 @@ def _perturb(model, seed, scale=0.05):
 
 
 def _generate(engine, tok, temperature=1.0, n=4, seed=5, **kw):
-    kw = {"top_p": 1.0, "top_k": 0, **kw}
-    return engine.generate(tok, PROMPTS, n, temperature=temperature, max_new_tokens=12, max_prompt_len=16,
-                           row_keys=torch.arange(len(PROMPTS) * n), seed=seed, **kw)
+    sampling = SamplingSettings(temperature=temperature, max_new_tokens=12, max_prompt_len=16, **kw)
+    return engine.generate(tok, PROMPTS, n, sampling, row_keys=torch.arange(len(PROMPTS) * n), seed=seed)
 
 
 @torch.no_grad()
@@ -150,7 +150,8 @@ def test_weight_sync_after_optimizer_updates(started, model, tok):
     stale = copy.deepcopy(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     for k in range(3):
-        batch = backend.generate(tok, PROMPTS, 2, temperature=1.0, max_new_tokens=12, max_prompt_len=16, seed=k)
+        batch = backend.generate(tok, PROMPTS, 2, SamplingSettings(temperature=1.0, max_new_tokens=12, max_prompt_len=16),
+                                 seed=k)
         out = model.train()(batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT, with_mtp=False)
         loss = -(out.logprob_BT * out.loss_mask_BT).sum() / out.loss_mask_BT.sum()
         opt.zero_grad(), loss.backward(), opt.step()
@@ -280,7 +281,7 @@ def test_mtp_drafter_gets_the_trainers_mtp_weights(spec_engine, mimo_dir, tok):
     from mtp_occ.eval.policy import make_generate_fn
 
     cfg = compose(["eval.max_new_tokens=8", "eval.temperature=1.0", "rollout.max_prompt_len=16"])
-    completions = make_generate_fn(model, tok, cfg, seed=0, backend=VllmBackend(spec_engine))(PROMPTS, 2)
+    completions = make_generate_fn(model, tok, cfg.eval, cfg.rollout, seed=0, backend=VllmBackend(spec_engine))(PROMPTS, 2)
     assert len(completions) == len(PROMPTS) and all(len(c) == 2 for c in completions)
     assert spec_engine.spec_counters()[SPEC_COUNTERS[0]] > counters[SPEC_COUNTERS[0]]
     assert spec_engine.metrics() == {}

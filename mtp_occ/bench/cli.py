@@ -107,7 +107,7 @@ def _one_section(args, machine: dict, t0: float, name: str, flat: dict, details:
 def main(argv: list[str] | None = None) -> dict:
     from mtp_occ.config import compose
     from mtp_occ.data import build_prompts
-    from mtp_occ.model.load import build_policy
+    from mtp_occ.policy import build_policy
 
     args = parse_args(argv)
     os.environ.setdefault("MTP_OCC_CACHE", str(REPO / "bench" / "cache.tmp"))

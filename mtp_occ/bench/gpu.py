@@ -20,7 +20,7 @@ def bench_gpu(overrides: list[str]) -> dict:
         return {"skipped": "no CUDA"}
     from mtp_occ.config import compose
     from mtp_occ.data import build_prompts
-    from mtp_occ.model.load import build_policy
+    from mtp_occ.policy import build_policy
 
     cfg = compose([*overrides, "regime=detach"])
     base, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)
@@ -72,8 +72,12 @@ def gpu_vllm(cfg, path: str, base, tok, prompts, hf_tps: float) -> dict:
         from mtp_occ.rollout.vllm import VllmRollout
     except ImportError as e:
         return {"skipped": f"vllm not importable ({e}); pip install -e '.[gpu]'"}
+    from mtp_occ.eval.templates import get_template
+    from mtp_occ.rollout.sampling import SamplingSettings
+
     a, r, P = cfg.algo, cfg.rollout, cfg.algo.prompts_per_step
-    texts = [prompts[i].problem for i in range(P)]
+    template, sampling = get_template(cfg.data.template), SamplingSettings.for_rollouts(r)
+    texts = [template.render(prompts[i].problem, tok) for i in range(P)]
     keys = torch.arange(P * a.group_size)
     res: dict = {}
     for label, spec in (("plain", False), ("mtp_spec", True)):
@@ -87,10 +91,8 @@ def gpu_vllm(cfg, path: str, base, tok, prompts, hf_tps: float) -> dict:
             runs = []
             for rep in range(4):  # the first is warm-up
                 t0 = perf_counter()
-                batch, _ = engine.generate(tok, texts, a.group_size, temperature=r.temperature, top_p=r.top_p,
-                                           top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                                           max_prompt_len=r.max_prompt_len, row_keys=keys, seed=cfg.seed + rep,
-                                           add_special_tokens=cfg.data.template == "plain")
+                batch, _ = engine.generate(tok, texts, a.group_size, sampling, row_keys=keys, seed=cfg.seed + rep,
+                                           add_special_tokens=template.add_special_tokens(tok))
                 runs.append(int(batch.response_len_B.sum()) / (perf_counter() - t0))
             res[label] = {"tokens_per_s": median(runs[1:]), "over_hf": median(runs[1:]) / hf_tps, "sync_s": sync_s,
                           **engine.metrics()}

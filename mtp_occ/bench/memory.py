@@ -164,7 +164,7 @@ def _timed_updates(variants: dict, base_overrides: list[str], batch, adv_B, roun
     cfgs = {k: compose([*base_overrides, *v]) for k, v in variants.items()}
     c0, tok = next(iter(cfgs.values())), build_tokenizer()
     base = build_tiny(c0.model, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=0)
-    G = c0.algo.group_size
+    group_size = c0.algo.group_size
     times, metrics = {k: [] for k in cfgs}, {}
     for rnd in range(-1, rounds):  # round -1 is warm-up
         names = list(cfgs)[rnd % len(cfgs):] + list(cfgs)[:rnd % len(cfgs)]
@@ -172,8 +172,9 @@ def _timed_updates(variants: dict, base_overrides: list[str], batch, adv_B, roun
             cfg, model = cfgs[name], copy.deepcopy(base)
             old = old_logprobs(model, batch, cfg.algo, cfg.rollout.temperature)
             t0 = perf_counter()
-            res = rl_update(model, TorchEngine(model, cfg), build_regime(cfg.regime), batch, old, adv_B, cfg.algo,
-                            coef_scale=1.0, temperature=cfg.rollout.temperature, group_size=G)
+            engine = TorchEngine(model, cfg.algo, total_steps=cfg.steps)
+            res = rl_update(model, engine, build_regime(cfg.regime), batch, old, adv_B, cfg.algo,
+                            coef_scale=1.0, temperature=cfg.rollout.temperature, group_size=group_size)
             if rnd >= 0:
                 times[name].append(perf_counter() - t0)
             metrics[name] = res.metrics

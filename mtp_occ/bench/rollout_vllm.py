@@ -32,18 +32,19 @@ def bench_vllm_cpu(overrides: list[str], reps: int = 5) -> dict:
         return {"skipped": problem}
     from mtp_occ.config import compose
     from mtp_occ.data import build_prompts
-    from mtp_occ.eval.templates import format_prompt
-    from mtp_occ.model.load import build_policy
+    from mtp_occ.eval.templates import get_template
+    from mtp_occ.policy import build_policy
     from mtp_occ.rollout.hf import generate
+    from mtp_occ.rollout.sampling import SamplingSettings
     from mtp_occ.rollout.vllm import VllmRollout
 
     cfg = compose([*overrides, *MODEL, "regime=detach"])
     a, r = cfg.algo, cfg.rollout
     base, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)
     prompts = build_prompts(cfg.data, cfg.data.seed)
-    texts = [format_prompt(prompts[i].problem, cfg.data.template, tok) for i in range(a.prompts_per_step)]
-    kw = dict(temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-              max_prompt_len=r.max_prompt_len, add_special_tokens=cfg.data.template == "plain")
+    template = get_template(cfg.data.template)
+    texts = [template.render(prompts[i].problem, tok) for i in range(a.prompts_per_step)]
+    sampling, add_special = SamplingSettings.for_rollouts(r), template.add_special_tokens(tok)
     keys = torch.arange(len(texts) * a.group_size)
     t0 = perf_counter()
     engine = VllmRollout.start(str(base_dir), dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
@@ -55,12 +56,14 @@ def bench_vllm_cpu(overrides: list[str], reps: int = 5) -> dict:
 
     def hf(seed):
         t = perf_counter()
-        batch = generate(base.lm, tok, texts, a.group_size, row_keys=keys, seed=seed, batch_size=r.batch_size, **kw)
+        batch = generate(base.lm, tok, texts, a.group_size, sampling, row_keys=keys, seed=seed,
+                         add_special_tokens=add_special)
         return int(batch.response_len_B.sum()) / (perf_counter() - t)
 
     def vllm(seed):
         t = perf_counter()
-        batch, _ = engine.generate(tok, texts, a.group_size, row_keys=keys, seed=seed, **kw)
+        batch, _ = engine.generate(tok, texts, a.group_size, sampling, row_keys=keys, seed=seed,
+                                   add_special_tokens=add_special)
         return int(batch.response_len_B.sum()) / (perf_counter() - t)
 
     hf(0), vllm(0)  # warm-up

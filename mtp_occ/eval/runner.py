@@ -8,8 +8,9 @@ What it is
       out_dir/samples.jsonl   one line per sample: benchmark, id, sample, prompt, completion, answer,
                               extracted, score, timeout
     and, when `step` is given, a copy of the summary in out_dir/step_<step>/summary.json so periodic evals
-    survive the next one. Files are written atomically (temp file + os.replace). `flat_metrics(summary)`
-    flattens it for the logger (`eval/<bench>/avg`, ..., `eval/average/avg`, ...).
+    survive the next one (the layout is `mtp_occ.rundir.EvalDir`). Files are written atomically
+    (`mtp_occ.rundir.atomic_write_text`: temp file, fsync, os.replace). `flat_metrics(summary)` flattens it
+    for the logger (`eval/<bench>/avg`, ..., `eval/average/avg`, ...).
 
 How it departs from common harnesses
     - Sampling settings (temperature, top_p, max_new_tokens) are the CALLER's to bind into `generate_fn`;
@@ -29,33 +30,23 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mtp_occ.eval.benchmarks import Benchmark
 from mtp_occ.eval.metrics import average_over, summarize
 from mtp_occ.eval.templates import format_prompt, get_template
+from mtp_occ.rundir import EvalDir, atomic_write_text
 
 GenerateFn = Callable[[list[str], int], list[list[str]]]
 STATS = ("avg", "pass", "maj")
-
-
-def _write_atomic(path: Path, lines: Iterable[str]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for line in lines:
-                f.write(line)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+# the keys of one samples.jsonl record, in the order they are written
+SAMPLE_FIELDS = ("benchmark", "id", "sample", "prompt", "completion", "answer", "extracted", "score", "timeout")
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    _write_atomic(path, [json.dumps(obj, indent=2) + "\n"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _generate(generate_fn: GenerateFn, prompts: list[str], k: int) -> list[list[str]]:
@@ -111,11 +102,12 @@ def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[Benchmark], *, k: int
         "benchmarks": per_bench,
         "average": average_over(per_bench),
     }
-    out_dir = Path(out_dir)
-    _write_atomic(out_dir / "samples.jsonl", (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    out = EvalDir(out_dir)
+    out.root.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out.samples, (json.dumps(r, ensure_ascii=False) + "\n" for r in records))
     if step is not None:
-        _write_json(out_dir / f"step_{step}" / "summary.json", summary)
-    _write_json(out_dir / "summary.json", summary)
+        _write_json(out.step_summary(step), summary)
+    _write_json(out.summary, summary)
     return summary
 
 

@@ -197,28 +197,3 @@ def load_tokenizer(path: str, gguf_file: str = ""):
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
-
-
-def build_policy(model_cfg: ModelConfig, data_cfg, seed: int) -> tuple[MTPModel, object, Path | None]:
-    """(model, tokenizer, base_dir). A tiny model on the embedded task is MTP-pre-trained first (cached,
-    see `mtp_occ.tasks.pretrain`); without pre-training it is a random-init model with the task tokenizer."""
-    import dataclasses
-
-    from mtp_occ.config import ConfigError, DataSource
-
-    if model_cfg.source is ModelSource.tiny:
-        if data_cfg.source is not DataSource.arith:
-            raise ConfigError("config key `data.source`: model.source=tiny has no tokenizer of its own: use it "
-                              "with data=arith, or pick a hub model (e.g. model=smollm2_135m)")
-        if model_cfg.pretrain.steps > 0:
-            from mtp_occ.tasks.pretrain import cached_base
-
-            base = cached_base(model_cfg, data_cfg, seed)
-            loaded = dataclasses.replace(model_cfg, source=ModelSource.hf, name_or_path=str(base))
-            return load_pretrained(loaded), load_tokenizer(str(base)), base
-        from mtp_occ.tasks.arith import build_tokenizer
-
-        tok = build_tokenizer()
-        return build_tiny(model_cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed), tok, None
-    model = load_pretrained(model_cfg)
-    return model, load_tokenizer(model_cfg.name_or_path, model_cfg.gguf_file), None

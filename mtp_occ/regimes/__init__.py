@@ -4,9 +4,11 @@ the gradient path (which shared parameters the MTP loss reaches), the MTP loss, 
     term = regime.mtp_term(inputs);   loss = pg_loss + term.lam * term.loss
 
 The training loop never branches on a regime's name. A new regime is one new file in this package that
-defines a `RegimeConfig` subclass with a `build()` method and calls `register(...)`; the config store,
-`regime=<name>` on the command line and the contract tests (parametrised over `REGIME_CONFIGS`) pick it
-up automatically.
+defines a `RegimeConfig` subclass (its coefficient fields named in `coef_keys`, a `build()` method) and
+calls `register(...)`. Nothing else changes: every module in this package is imported when the package
+is (`_discover`), so the config store, `regime=<name>` on the command line, run names, the analysis
+tables (`coefficient_keys`, `is_calibrated`) and the contract tests (parametrised over
+`REGIME_CONFIGS`) pick it up.
 
 A regime whose statistic must be formed once per optimizer update (OCC's λ over the whole mini-batch)
 also defines `wants_update_statistics` (True), `statistics(x)` (additive local sums for one micro-batch)
@@ -39,10 +41,28 @@ REGIME_CONFIGS: dict[str, RegimeConfig] = {}
 
 
 def register(node: RegimeConfig) -> RegimeConfig:
+    """Add a regime under `node.name`; its class must define `build()` and name fields in `coef_keys`."""
     if node.name in REGIME_CONFIGS:
         raise ValueError(f"regime {node.name!r} registered twice")
+    if type(node).build is RegimeConfig.build:
+        raise TypeError(f"regime {node.name!r}: {type(node).__name__} must define build()")
+    missing = [k for k in type(node).coef_keys if not hasattr(node, k)]
+    if missing:
+        raise TypeError(f"regime {node.name!r}: coef_keys names {missing}, which {type(node).__name__} lacks")
     REGIME_CONFIGS[node.name] = node
     return node
+
+
+def coefficient_keys(name: str) -> tuple[str, ...]:
+    """The `regime.*` keys that set regime `name`'s coefficient (() for a name not registered here)."""
+    node = REGIME_CONFIGS.get(name)
+    return type(node).coef_keys if node is not None else ()
+
+
+def is_calibrated(name: str) -> bool:
+    """True when regime `name` estimates λ from log-prob deltas (OCC's family)."""
+    node = REGIME_CONFIGS.get(name)
+    return node is not None and type(node).calibrated
 
 
 @dataclass
@@ -72,10 +92,6 @@ class MtpTerm:
     loss: torch.Tensor  # the unscaled MTP loss (CE or the clipped policy loss)
     lam: float  # λ at this update, schedule included
     metrics: dict[str, float]
-
-    @property
-    def value(self) -> torch.Tensor:
-        return self.lam * self.loss
 
 
 class Regime(Protocol):
@@ -127,7 +143,17 @@ def build_regime(cfg: RegimeConfig) -> Regime:
     return cfg.build()  # type: ignore[attr-defined]
 
 
-# import for registration side effects (order = display order)
-from mtp_occ.regimes import ce, detach, occ, policy  # noqa: E402,F401
+def _discover() -> None:
+    """Import every module of this package, in name order (the order `REGIME_CONFIGS` lists them in), for
+    its `register(...)` calls."""
+    import importlib
+    import pkgutil
 
-__all__ = ["REGIME_CONFIGS", "MtpTerm", "MtpTermInputs", "Regime", "build_regime", "register", "mtp_ce", "mtp_policy_loss"]
+    for mod in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        importlib.import_module(f"{__name__}.{mod.name}")
+
+
+_discover()
+
+__all__ = ["REGIME_CONFIGS", "MtpTerm", "MtpTermInputs", "Regime", "build_regime", "coefficient_keys",
+           "is_calibrated", "mtp_ce", "mtp_policy_loss", "register"]

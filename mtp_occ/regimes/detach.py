@@ -8,20 +8,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mtp_occ.config import GradPathConfig, RegimeConfig
+from mtp_occ.config import GradPathConfig
 from mtp_occ.regimes import register
-from mtp_occ.regimes.ce import CeRegime
+from mtp_occ.regimes.ce import CeConfig
 
 
 @dataclass
-class DetachConfig(RegimeConfig):
+class DetachConfig(CeConfig):
+    """`ce`'s loss, λ and regime object (`build` is inherited); only the gradient path differs."""
+
     name: str = "detach"
-    lam: float = 0.1
     grad_path: GradPathConfig = field(
         default_factory=lambda: GradPathConfig(embedding=False, backbone=False, lm_head=False))
-
-    def build(self) -> CeRegime:
-        return CeRegime(self)  # the same loss as `ce`; only the gradient path differs
 
 
 register(DetachConfig())

@@ -58,6 +58,7 @@ class Estimator(str, Enum):
 @dataclass
 class OccConfig(RegimeConfig):
     calibrated: ClassVar[bool] = True
+    coef_keys: ClassVar[tuple[str, ...]] = ("lambda_plus",)
 
     name: str = "occ"
     lambda_plus: float = 1.0  # λ₊: scale on the calibrated ratio (paper: 1.0)
@@ -70,8 +71,7 @@ class OccConfig(RegimeConfig):
     ema: float = 0.0  # λ ← ema·λ_prev + (1−ema)·λ_t; 0 = off (state is checkpointed)
 
     def __post_init__(self) -> None:
-        super().__post_init__()
-        require(self.lambda_plus >= 0, "regime.lambda_plus", f"must be >= 0, got {self.lambda_plus}")
+        super().__post_init__()  # λ₊ >= 0
         require(self.eps > 0, "regime.eps", "must be > 0 (it keeps λ finite)")
         require(self.clamp >= 0, "regime.clamp", "must be >= 0 (0 = off)")
         require(0 <= self.ema < 1, "regime.ema", f"must be in [0, 1), got {self.ema}")

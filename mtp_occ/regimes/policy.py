@@ -5,6 +5,7 @@ The paper sees it rise, then fall: the correlation c decays while the penalty vÂ
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 
@@ -14,8 +15,10 @@ from mtp_occ.regimes import MtpTerm, MtpTermInputs, Stateless, mtp_ce, mtp_polic
 
 @dataclass
 class PolicyConfig(RegimeConfig):
+    coef_keys: ClassVar[tuple[str, ...]] = ("lam",)
+
     name: str = "policy"
-    lam: float = 0.1
+    lam: float = 0.1  # Î»: the MTP term's coefficient (times the schedule)
 
     def build(self) -> PolicyRegime:
         return PolicyRegime(self)

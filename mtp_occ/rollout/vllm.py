@@ -64,6 +64,7 @@ import torch
 from torch import nn
 
 from mtp_occ.rollout.hf import RolloutBatch, assemble_batch, encode_prompts
+from mtp_occ.rollout.sampling import SamplingSettings
 
 SPEC_COUNTERS = ("vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # the CPU build's attention kernels
@@ -277,9 +278,8 @@ class VllmRollout:
         self._spec_seen = now
         return {"rollout/spec_acceptance": accepted / proposed} if proposed > 0 else {}
 
-    def generate(self, tokenizer, prompts: list[str], n: int, *, temperature: float, top_p: float, top_k: int,
-                 max_new_tokens: int, max_prompt_len: int, row_keys: torch.Tensor, seed: int,
-                 add_special_tokens: bool = True) -> tuple[RolloutBatch, torch.Tensor | None]:
+    def generate(self, tokenizer, prompts: list[str], n: int, sampling: SamplingSettings, *, row_keys: torch.Tensor,
+                 seed: int, add_special_tokens: bool = True) -> tuple[RolloutBatch, torch.Tensor | None]:
         """(batch, vllm_logprob_BT) with the same layout as the HF backend; log-probs are
         prediction-aligned like the trainer's (index t scores token t+1); None with speculative decoding."""
         from vllm import SamplingParams, TokensPrompt
@@ -287,14 +287,15 @@ class VllmRollout:
         if not self.synced:
             raise RuntimeError("vLLM engine asked to generate before sync_weights: it holds placeholder weights "
                                "(started with load_format=dummy, or its weights were discarded by sleep level 2)")
-        ids_P, attn_P, cut = encode_prompts(tokenizer, prompts, max_prompt_len, add_special_tokens)
+        sp = sampling  # `batch_size` is not used: vLLM schedules its own batches
+        ids_P, attn_P, cut = encode_prompts(tokenizer, prompts, sp.max_prompt_len, add_special_tokens)
         requests, params = [], []
         for i in range(len(prompts)):
             toks = ids_P[i][attn_P[i].bool()].tolist()
             for j in range(n):
                 requests.append(TokensPrompt(prompt_token_ids=toks))
-                params.append(SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k or -1,
-                                             max_tokens=max_new_tokens, logprobs=0,
+                params.append(SamplingParams(temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k or -1,
+                                             max_tokens=sp.max_new_tokens, logprobs=0,
                                              seed=(int(row_keys[i * n + j]) ^ seed) & 0x7FFFFFFF))
         outs = self.llm.generate(requests, params, use_tqdm=False)
         R = max(max(len(o.outputs[0].token_ids) for o in outs), 1)

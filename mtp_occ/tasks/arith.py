@@ -13,6 +13,10 @@ an index; the held-out set uses its own seed and is excluded from the training s
 
 The tokenizer is character level (26 ids), built with `tokenizers` and saved in HF format so the exact
 same HF code path (tokenize, `generate`, decode) runs as for hub models.
+
+Registered as the task `arith` (`Arith`, see `mtp_occ.tasks`): `data=arith` trains on its stream,
+`eval.benchmarks=[arith]` evaluates on its held-out set, rollouts log `arith/step_acc`, and `model=tiny`
+uses its tokenizer and its pre-trained base (`mtp_occ.tasks.pretrain`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,13 @@ import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mtp_occ.tasks import register_task
+
+if TYPE_CHECKING:
+    from mtp_occ.config import DataConfig, ModelConfig
+    from mtp_occ.data import Prompt
 
 CHARS = list("0123456789+-=;") + ["\\", "b", "o", "x", "e", "d", "{", "}"]
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
@@ -93,3 +104,51 @@ def build_tokenizer(out_dir: Path | None = None):
     if out_dir is not None:
         tok.save_pretrained(str(out_dir))
     return tok
+
+
+class ArithStream:
+    """The training stream: unbounded, generated on demand from (seed, index)."""
+
+    def __init__(self, task: ArithTask):
+        self.task = task
+
+    def __len__(self) -> int:
+        return 2**62
+
+    def __getitem__(self, i: int) -> Prompt:
+        from mtp_occ.data import Prompt
+
+        p = self.task.train_problem(i)
+        return Prompt(p.id, p.prompt, p.answer)
+
+
+class Arith:
+    """The `arith` task (`mtp_occ.tasks.Task`)."""
+
+    name = "arith"
+
+    @staticmethod
+    def problems(data: DataConfig) -> ArithTask:
+        return ArithTask(data.n_terms, data.min_operand, data.max_operand, data.heldout_size, data.seed)
+
+    def prompts(self, data: DataConfig, seed: int) -> ArithStream:
+        return ArithStream(ArithTask(data.n_terms, data.min_operand, data.max_operand, data.heldout_size, seed))
+
+    def heldout(self, data: DataConfig) -> list[Prompt]:
+        from mtp_occ.data import Prompt
+
+        return [Prompt(p.id, p.prompt, p.answer) for p in self.problems(data).heldout]
+
+    def rollout_metrics(self, completions: list[str]) -> dict[str, float]:
+        return {"arith/step_acc": sum(step_accuracy(c) for c in completions) / len(completions)}
+
+    def tokenizer(self, out_dir: Path | None = None):
+        return build_tokenizer(out_dir)
+
+    def base(self, model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> Path:
+        from mtp_occ.tasks.pretrain import cached_base
+
+        return cached_base(model_cfg, data_cfg, seed)
+
+
+register_task(Arith())

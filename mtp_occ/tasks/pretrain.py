@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import time
@@ -22,11 +21,12 @@ from pathlib import Path
 
 import torch
 
-from mtp_occ.config import DataConfig, ModelConfig, plain_dict
+from mtp_occ.config import DataConfig, LrSchedule, ModelConfig, plain_dict
 from mtp_occ.tasks.arith import ArithTask, build_tokenizer
 
 log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
+STATS_FILE = "pretrain.json"  # a base's training stats; a cached base dir that has it is complete
 
 
 def base_key(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> str:
@@ -64,6 +64,7 @@ def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, out_dir: P
     from tqdm.auto import tqdm
 
     from mtp_occ.model.load import build_tiny, save_model
+    from mtp_occ.schedules import build_lr_schedule
 
     pc = model_cfg.pretrain
     task = ArithTask(data_cfg.n_terms, data_cfg.min_operand, data_cfg.max_operand, data_cfg.heldout_size,
@@ -72,12 +73,10 @@ def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, out_dir: P
     model = build_tiny(model_cfg, len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id, seed=seed)
     opt = torch.optim.AdamW(model.parameters(), lr=pc.lr, weight_decay=0.0)
 
-    def lr_at(step: int) -> float:
-        if step < pc.warmup_steps:
-            return (step + 1) / pc.warmup_steps
-        p = (step - pc.warmup_steps) / max(1, pc.steps - pc.warmup_steps)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * p))
-
+    # the RL engine's cosine (`schedules.lr_cosine`), whose clamp min(p, 1) changes nothing here: LambdaLR
+    # evaluates steps 0..pc.steps (the last after the final update, unused), and p <= 1 on all of them
+    # (p = 1 exactly at step pc.steps when pc.steps > warmup_steps; the warm-up branch or p = 0 otherwise)
+    lr_at = build_lr_schedule(LrSchedule.cosine, pc.warmup_steps, pc.steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_at)
     t0, bar = time.time(), tqdm(range(pc.steps), desc="pre-train MTP base", unit="step", mininterval=2.0)
     for step in bar:
@@ -96,7 +95,7 @@ def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, out_dir: P
     stats = {"steps": pc.steps, "final_ce": ce_main.item(), "final_mtp_ce": out.mtp_ce_K.mean().item(),
              "seconds": time.time() - t0}
     save_model(model, out_dir, tokenizer=tok)
-    (out_dir / "pretrain.json").write_text(json.dumps(stats, indent=1))
+    (out_dir / STATS_FILE).write_text(json.dumps(stats, indent=1))
     return stats
 
 
@@ -109,7 +108,7 @@ def cached_base(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> Path
     key = base_key(model_cfg, data_cfg, seed)
     final = root / key
     with FileLock(str(root / f"{key}.lock")):
-        if (final / "pretrain.json").exists():
+        if (final / STATS_FILE).exists():
             log.info("using cached base model %s", final)
             return final
         tmp = root / f"{key}.tmp-{os.getpid()}"
