@@ -125,7 +125,7 @@ def all_reduce_grads_(params: list[torch.nn.Parameter]) -> None:
         offset += n
 
 
-SUMMED = ("loss/", "mtp/ce")  # each rank reports its share of a globally normalised loss
+SUMMED = ("loss/", "mtp/ce", "mtp/accept")  # each rank reports its share of a globally normalised mean
 
 
 def mean_metrics(metrics: dict[str, float]) -> dict[str, float]:

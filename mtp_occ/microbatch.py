@@ -92,10 +92,10 @@ def check_packing(model: MTPModel, algo: AlgoConfig) -> None:
 
 
 def forward(model: MTPModel, part: RolloutBatch, algo: AlgoConfig, temperature: float, grad_path=ALL_PATHS,
-            with_mtp: bool = True) -> MTPOutput:
+            with_mtp: bool = True, head_ce: bool = False) -> MTPOutput:
     """The model on one micro-batch (packed when `algo.pack_sequences`), outputs in `part`'s padded layout."""
     kw = {"grad_path": grad_path, "temperature": temperature, "with_mtp": with_mtp,
-          "logprob_chunk_mb": algo.logprob_chunk_mb}
+          "logprob_chunk_mb": algo.logprob_chunk_mb, "head_ce": head_ce}
     if not algo.pack_sequences:
         return model(part.input_ids_BT, part.attention_mask_BT, part.response_mask_BT, **kw)
     attn_BT = part.attention_mask_BT
@@ -106,6 +106,10 @@ def forward(model: MTPModel, part: RolloutBatch, algo: AlgoConfig, temperature: 
         return torch.stack([unpack_rows(x[None], attn_BT) for x in x_K1N]) if len(x_K1N) else \
             x_K1N.new_zeros((0, *attn_BT.shape))
 
+    def unpack_opt(x_K1N: torch.Tensor | None) -> torch.Tensor | None:
+        return None if x_K1N is None else unpack_K(x_K1N[:, 0])
+
     return MTPOutput(unpack_rows(out.logprob_BT, attn_BT), unpack_K(out.mtp_logprob_KBT[:, 0]),
                      unpack_rows(out.loss_mask_BT, attn_BT), unpack_K(out.mtp_ce_mask_KBT[:, 0]),
-                     unpack_K(out.mtp_rl_mask_KBT[:, 0]), out.mtp_ce_K)
+                     unpack_K(out.mtp_rl_mask_KBT[:, 0]), out.mtp_ce_K, unpack_opt(out.mtp_hit_KBT),
+                     unpack_opt(out.mtp_head_logprob_KBT))

@@ -225,12 +225,14 @@ def train(cfg: Config, overrides: list[str]) -> dict:
                     batch, reward_B = rollouts
                     adv_B = group_advantages(reward_B, cfg.algo.group_size, cfg.algo.norm_std, cfg.algo.adv_eps).to(d.device)
                     first_group = d.rank * (cfg.algo.prompts_per_step // d.world)  # this rank's block of groups
-                    old_BT = old_logprobs(model, batch, cfg.algo, cfg.rollout.temperature, first_group)
+                    old_BT = old_logprobs(model, batch, cfg.algo, cfg.rollout.temperature, first_group,
+                                          with_mtp=getattr(regime, "wants_old_mtp", False))
                     metrics.update(correct_rollout_mismatch(batch, old_BT, cfg.rollout.tis_cap))
                     t2 = time.perf_counter()
                     res = rl_update(model, engine, regime, batch, old_BT, adv_B, cfg.algo,
                                     coef_scale=coef((step - 1) / cfg.steps), temperature=cfg.rollout.temperature,
                                     group_size=cfg.algo.group_size, first_group=first_group,
+                                    head_ce=cfg.regime.head_ce,
                                     diagnose=bool(cfg.diagnostics.every) and step % cfg.diagnostics.every == 0)
                     metrics.update(res.metrics)
                     faults += res.skipped

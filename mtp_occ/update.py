@@ -25,6 +25,7 @@ repeats; the message names the term that went non-finite (pg, mtp, or OCC's λ).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import defaultdict
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from mtp_occ.dist import SUMMED, max_int, sum_floats
 from mtp_occ.engine import Engine
 from mtp_occ.microbatch import check_packing, cut, forward, micro_batch_rows
 from mtp_occ.model.mtp import MTPModel
-from mtp_occ.regimes import MtpTermInputs, Regime
+from mtp_occ.regimes import MtpTermInputs, Regime, mtp_ce
 from mtp_occ.rl.diagnostics import Decomposition
 from mtp_occ.rl.grpo import loss_denominator, policy_loss
 from mtp_occ.rl.occ import occ_coefficient
@@ -64,15 +65,17 @@ def minibatch_rows(n_groups: int, group_size: int, updates: int, first_group: in
 
 @torch.no_grad()
 def old_logprobs(model: MTPModel, batch: RolloutBatch, algo: AlgoConfig | int, temperature: float,
-                 first_group: int = 0) -> torch.Tensor:
+                 first_group: int = 0, with_mtp: bool = False) -> torch.Tensor:
     """log π_old of every sampled token, recomputed by the trainer's own forward (main head only). `algo` as
     an int is a micro-batch row count (the rows of the whole batch in order, no budget, no packing);
-    `first_group` as in `minibatch_rows`."""
+    `first_group` as in `minibatch_rows`. `with_mtp`: the same pass also runs the MTP layers and stores
+    depth 1's log-probs on `batch.old_mtp_logprob_BT` (OCC's `own_displacement` needs them)."""
     algo = algo if isinstance(algo, AlgoConfig) else AlgoConfig(micro_batch_size=algo)
     check_packing(model, algo)
     was = model.training
     model.eval()
     out_BT = torch.zeros(batch.input_ids_BT.shape, dtype=torch.float32, device=batch.input_ids_BT.device)
+    mtp_BT = torch.zeros_like(out_BT) if with_mtp else None
     if algo.max_tokens_per_micro_batch:  # the update's own mini-batches and micro-batches
         blocks = minibatch_rows(len(batch) // algo.group_size, algo.group_size, algo.updates_per_step, first_group)
     else:
@@ -80,13 +83,17 @@ def old_logprobs(model: MTPModel, batch: RolloutBatch, algo: AlgoConfig | int, t
     parts = [blk[r] for blk in blocks for r in micro_batch_rows(batch.select(blk), algo)]
     for i in range(max_int(len(parts))):  # the same count on every rank (ZeRO-3 gathers in every forward)
         if i >= len(parts):  # no rows left here: a masked-out stand-in
-            forward(model, _null_batch(batch), algo, temperature, with_mtp=False)
+            forward(model, _null_batch(batch), algo, temperature, with_mtp=with_mtp)
             continue
         part, cols = cut(batch, parts[i], trim=bool(algo.max_tokens_per_micro_batch))
         col_idx = torch.arange(batch.input_ids_BT.shape[1], device=out_BT.device)[cols]
-        out_BT[parts[i].to(out_BT.device)[:, None], col_idx] = forward(model, part, algo, temperature,
-                                                                       with_mtp=False).logprob_BT
+        out = forward(model, part, algo, temperature, with_mtp=with_mtp)
+        out_BT[parts[i].to(out_BT.device)[:, None], col_idx] = out.logprob_BT
+        if with_mtp:
+            mtp_BT[parts[i].to(out_BT.device)[:, None], col_idx] = out.mtp_logprob_KBT[0]
     model.train(was)
+    if with_mtp:
+        batch.old_mtp_logprob_BT = mtp_BT
     return out_BT
 
 
@@ -101,7 +108,7 @@ def _term_inputs(out, mb: RolloutBatch, old_BT, adv_B, algo: AlgoConfig, denoms:
     return MtpTermInputs(logprob_BT=out.logprob_BT, old_logprob_BT=old_BT, mtp_logprob_KBT=out.mtp_logprob_KBT,
                          mtp_ce_mask_KBT=out.mtp_ce_mask_KBT, mtp_rl_mask_KBT=out.mtp_rl_mask_KBT,
                          mtp_tokens_K=denoms["mtp_tokens"], mtp_denom_K=denoms["mtp"], policy_loss_fn=loss_fn,
-                         coef_scale=coef_scale)
+                         coef_scale=coef_scale, old_mtp_logprob_BT=mb.old_mtp_logprob_BT)
 
 
 def _micro_batch(batch: RolloutBatch, mb: RolloutBatch, mb_old, mb_adv, parts: list, i: int, algo: AlgoConfig):
@@ -131,25 +138,41 @@ def _update_statistics(model, regime: Regime, batch: RolloutBatch, mb: RolloutBa
     return torch.tensor(sum_floats(total.tolist()), dtype=torch.float64)
 
 
+def _head_terms(out, x: MtpTermInputs, head_ce: float) -> tuple[torch.Tensor | float, dict[str, float]]:
+    """The drafter's own terms: `head_ce` × token CE of the MTP layers on detached inputs (no gradient to
+    shared weights; see `mtp_occ.config.RegimeConfig.head_ce`), and `mtp/accept`, depth 1's argmax hit rate
+    on response targets, as this micro-batch's share of the mini-batch (summed like the losses)."""
+    hits = float(out.mtp_hit_KBT[0].sum()) if out.mtp_hit_KBT is not None and len(out.mtp_hit_KBT) else 0.0
+    metrics = {"mtp/accept": hits / max(x.mtp_tokens_K[0], 1.0)} if x.mtp_tokens_K else {}
+    if not head_ce:
+        return 0.0, metrics
+    ce, _ = mtp_ce(dataclasses.replace(x, mtp_logprob_KBT=out.mtp_head_logprob_KBT))
+    aux = head_ce * ce
+    return aux, {**metrics, "loss/head_ce": aux.item()}
+
+
 def _micro_step(model, engine, regime: Regime, mb: RolloutBatch, old_BT, adv_B, algo: AlgoConfig, denoms: dict,
-                coef_scale: float, temperature: float, diag: Decomposition | None, last: bool
+                coef_scale: float, temperature: float, diag: Decomposition | None, last: bool, head_ce: float = 0.0
                 ) -> tuple[dict[str, float], str | None]:
-    out = forward(model, mb, algo, temperature, grad_path=regime.grad_path)
+    out = forward(model, mb, algo, temperature, grad_path=regime.grad_path, head_ce=head_ce > 0)
     x = _term_inputs(out, mb, old_BT, adv_B, algo, denoms, coef_scale)
     pg, pg_m = x.policy_loss_fn(out.logprob_BT, out.loss_mask_BT, denom=denoms["pg"])
     term = regime.mtp_term(x)
     mtp_term = term.lam * term.loss
+    aux, aux_m = _head_terms(out, x, head_ce)
     metrics = {"loss/pg": pg.item(), "loss/mtp": mtp_term.item(), **{f"pg/{k}": v for k, v in pg_m.items()},
-               **term.metrics}
+               **term.metrics, **aux_m}
     if diag is not None:
         diag.add(term.loss, term.lam)
         ratio, c_hat, v2_hat = occ_coefficient(out.logprob_BT, out.mtp_logprob_KBT[0], old_BT, out.mtp_rl_mask_KBT[0])
         metrics.update({"diag/c_hat": c_hat, "diag/v2_hat": v2_hat, "diag/ratio_hat": ratio})
-    loss = pg + mtp_term  # the one line where the regime meets the policy gradient
+    loss = pg + mtp_term + aux  # the one line where the regime meets the policy gradient (aux: the drafter's own)
     engine.backward(loss, last)
     bad = None if math.isfinite(pg.item()) else "pg"
     if bad is None and not math.isfinite(mtp_term.item()):
         bad = "occ λ" if not math.isfinite(term.lam) else "mtp"
+    if bad is None and not math.isfinite(aux_m.get("loss/head_ce", 0.0)):
+        bad = "head_ce"
     return metrics, bad
 
 
@@ -182,7 +205,7 @@ def _null_batch(like: RolloutBatch) -> RolloutBatch:
 
 def rl_update(model: MTPModel, engine: Engine, regime: Regime, batch: RolloutBatch, old_BT: torch.Tensor,
               adv_B: torch.Tensor, algo: AlgoConfig, *, coef_scale: float, temperature: float,
-              group_size: int, first_group: int = 0, diagnose: bool = False) -> UpdateResult:
+              group_size: int, first_group: int = 0, diagnose: bool = False, head_ce: float = 0.0) -> UpdateResult:
     """All mini-batch updates of one RL step through `engine` (`mtp_occ.engine`); returns metrics averaged
     over the updates that had rows on this rank (`first_group` as in `minibatch_rows`). With `diagnose`, also the exact decomposition (`diag/*`), averaged over the updates
     after the first (at the first, logp == logp_old, so the proxy ĉ is 0 by construction)."""
@@ -208,7 +231,7 @@ def rl_update(model: MTPModel, engine: Engine, regime: Regime, batch: RolloutBat
         for i in range(n_micro):
             part, old, adv = _micro_batch(batch, mb, mb_old, mb_adv, parts, i, algo)
             m, b = _micro_step(model, engine, regime, part, old, adv, algo, denoms, coef_scale, temperature, diag,
-                               last=i == n_micro - 1)
+                               last=i == n_micro - 1, head_ce=head_ce)
             bad, micro = bad or b, micro + [m] if i < len(parts) else micro
         if getattr(regime, "wants_update_statistics", False):
             regime.begin_update(None)

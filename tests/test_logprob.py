@@ -90,7 +90,7 @@ def test_gradcheck_in_float64():
     b = torch.randn(V, dtype=torch.float64, generator=g, requires_grad=True)
     y = torch.randint(0, V, (7,), generator=g)
     # float32 log-probs by design: check the float64 gradient of the float32 output loosely but exactly
-    f = lambda h, w, b: ChunkedTokenLogprob.apply(h, w, b, y, 0.8, 2).double()  # noqa: E731
+    f = lambda h, w, b: ChunkedTokenLogprob.apply(h, w, b, y, 0.8, 2)[0].double()  # noqa: E731
     ref = lambda h, w, b: token_logprob_BT(F.linear(h, w, b)[None], y[None], 0.8)[0]  # noqa: E731
     for x in (h, w, b):
         ga = torch.autograd.grad(f(h, w, b).sum(), x)[0]
@@ -191,3 +191,19 @@ def test_a_released_zero3_weight_in_backward_is_an_error_not_a_wrong_recompute()
     w.ds_id, w.ds_status = 0, SimpleNamespace(name="NOT_AVAILABLE")  # what ZeRO-3 leaves after a release
     with pytest.raises(RuntimeError, match="external parameter"):
         (out * coef).sum().backward()
+
+
+@pytest.mark.parametrize("chunk_mb", [DENSE, 1e-4])
+def test_hits_are_where_the_target_is_the_heads_argmax(chunk_mb):
+    h, w, b, targets, mask, _ = _head_case(bias=True)
+    _, hit = head_logprob_BT(h, w, b, targets, mask, 0.7, chunk_mb, shift=1, return_hit=True)
+    logits = (h @ w.T + b).detach()
+    for bi in range(mask.shape[0]):
+        for t in range(mask.shape[1]):
+            want = bool(mask[bi, t]) and int(logits[bi, t - 1].argmax()) == int(targets[bi, t])
+            assert bool(hit[bi, t]) == want, (bi, t)
+    # the case has hits and misses (targets are random, so most are misses; make one a hit)
+    targets2 = targets.clone()
+    bi, t = mask.nonzero()[0].tolist()
+    targets2[bi, t] = int(logits[bi, t - 1].argmax())
+    assert head_logprob_BT(h, w, b, targets2, mask, 0.7, chunk_mb, shift=1, return_hit=True)[1][bi, t]

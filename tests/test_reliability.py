@@ -318,6 +318,7 @@ COMPOSE_CASES = [
     (["algo.pack_sequences=true", "model.attn_implementation=paged"], "algo.pack_sequences", "sdpa"),
     (["algo.max_tokens_per_micro_batch=50"], "algo.max_tokens_per_micro_batch", "at least 80"),
     (["regime=occ", "+regime.lam=5"], "regime.lam", "lambda_plus"),  # occ's coefficient is λ₊
+    (["regime.head_ce=-1"], "regime.head_ce", ">= 0"),
     (["eval.benchmarks=[aime24,aime26]"], "eval.benchmarks", "olympiadbench"),
     (["reward.grader=gpt_judge"], "reward.grader", "math_verify"),
     (["data.template=chatml"], "data.template", "qwen_boxed"),

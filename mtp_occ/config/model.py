@@ -104,8 +104,14 @@ class RegimeConfig:
 
     name: str = MISSING
     grad_path: GradPathConfig = field(default_factory=GradPathConfig)
+    # weight of a token CE on the MTP layers run with every shared input detached (h⁰, E's and H's weights):
+    # it trains only the MTP layers, so the drafter stays useful for speculative decoding whatever λ and the
+    # regime do to it (under `occ` it otherwise gets no CE at all). 0 = off; the paper has no such term and
+    # the paper presets keep it off. Costs one more pass through the MTP layers unless grad_path is all false.
+    head_ce: float = 0.0
 
     def __post_init__(self) -> None:
+        require(self.head_ce >= 0, "regime.head_ce", f"must be >= 0 (0 = off), got {self.head_ce}")
         for key in self.coef_keys:
             value = getattr(self, key)
             require(value >= 0, f"regime.{key}", f"must be >= 0, got {value}")

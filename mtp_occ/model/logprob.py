@@ -70,7 +70,9 @@ def _check_whole(weight_VD: torch.Tensor) -> None:
 class ChunkedTokenLogprob(torch.autograd.Function):
     """logprob_N = log softmax(hidden_ND · Wᵀ + b)/τ [targets_N], chunk by chunk; backward recomputes the
     chunk's logits: d logp_n / d logit_nv = (1[v = target_n] − softmax_nv) / τ. `weight_grad=False`: the
-    weight and bias get no gradient even when they require one (a head detached from this loss)."""
+    weight and bias get no gradient even when they require one (a head detached from this loss). The second
+    output, `hit_N` (not differentiable), is True where the target is the head's argmax (a tie counts as
+    a hit), read off the chunk's max that the log-sum-exp needs anyway."""
 
     @staticmethod
     def forward(ctx, hidden_ND, weight_VD, bias_V, targets_N, temperature: float, chunk: int,
@@ -78,20 +80,23 @@ class ChunkedTokenLogprob(torch.autograd.Function):
         N = hidden_ND.shape[0]
         logprob_N = torch.empty(N, dtype=torch.float32, device=hidden_ND.device)
         lse_N = torch.empty_like(logprob_N)
+        hit_N = torch.empty(N, dtype=torch.bool, device=hidden_ND.device)
         for s in range(0, N, chunk):
             logits_CV = _chunk_logits_CV(hidden_ND[s:s + chunk], weight_VD, bias_V, temperature)
             picked_C = logits_CV.gather(-1, targets_N[s:s + chunk, None]).squeeze(-1)
             max_C = logits_CV.amax(-1)
+            hit_N[s:s + chunk] = picked_C >= max_C
             # log-sum-exp in place: the chunk's logits are the only [C,V] buffer alive
             sum_C = logits_CV.sub_(max_C[:, None]).exp_().sum(-1)
             lse_N[s:s + chunk] = max_C + sum_C.log()
             logprob_N[s:s + chunk] = picked_C - lse_N[s:s + chunk]
         ctx.save_for_backward(hidden_ND, weight_VD, bias_V, targets_N, lse_N)
         ctx.temperature, ctx.chunk, ctx.weight_grad = temperature, chunk, weight_grad
-        return logprob_N
+        ctx.mark_non_differentiable(hit_N)
+        return logprob_N, hit_N
 
     @staticmethod
-    def backward(ctx, grad_N):
+    def backward(ctx, grad_N, _grad_hit):
         hidden_ND, weight_VD, bias_V, targets_N, lse_N = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
         want_w, want_b = want_w and ctx.weight_grad, want_b and ctx.weight_grad
@@ -128,22 +133,31 @@ class ChunkedTokenLogprob(torch.autograd.Function):
 
 def head_logprob_BT(hidden_BTD: torch.Tensor, weight_VD: torch.Tensor, bias_V: torch.Tensor | None,
                     targets_BT: torch.Tensor, mask_BT: torch.Tensor, temperature: float = 1.0,
-                    chunk_mb: float = 64.0, shift: int = 0, weight_grad: bool = True) -> torch.Tensor:
+                    chunk_mb: float = 64.0, shift: int = 0, weight_grad: bool = True, return_hit: bool = False
+                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """out_BT[b, t] = log p(targets_BT[b, t] | hidden_BTD[b, t − shift]) where `mask_BT`, else 0 (no gradient).
 
     `shift=k` reads depth k's hidden state k positions earlier (the MTP alignment: its raw prediction at
     t−k scores x_{t+1}); `mask_BT` must be False where t − shift < 0. `chunk_mb=DENSE` (0) runs the dense
     reference over every position (the bench's and the tests' "old" path). `weight_grad=False`: no gradient
-    reaches the weight and bias (the head is detached from this term) while the hidden states still get one."""
+    reaches the weight and bias (the head is detached from this term) while the hidden states still get one.
+    `return_hit`: also `hit_BT`, True where the target is the head's argmax (False off the mask)."""
     mask_BT = mask_BT.bool()
     b_N, t_N = mask_BT.nonzero(as_tuple=True)
     if chunk_mb == DENSE:
         if not weight_grad:
             weight_VD, bias_V = weight_VD.detach(), None if bias_V is None else bias_V.detach()
-        full_BT = token_logprob_BT(F.linear(hidden_BTD, weight_VD, bias_V), targets_BT.roll(-shift, 1), temperature)
-        picked_N = full_BT[b_N, t_N - shift]
+        logits_BTV, aligned_BT = F.linear(hidden_BTD, weight_VD, bias_V), targets_BT.roll(-shift, 1)
+        picked_N = token_logprob_BT(logits_BTV, aligned_BT, temperature)[b_N, t_N - shift]
+        if return_hit:
+            with torch.no_grad():
+                hit_BT = logits_BTV.gather(-1, aligned_BT.unsqueeze(-1)).squeeze(-1) >= logits_BTV.amax(-1)
+                hit_N = hit_BT[b_N, t_N - shift]
     else:
         chunk = chunk_tokens(chunk_mb, weight_VD.shape[0])
-        picked_N = ChunkedTokenLogprob.apply(hidden_BTD[b_N, t_N - shift], weight_VD, bias_V, targets_BT[b_N, t_N],
-                                             temperature, chunk, weight_grad)
-    return torch.zeros(mask_BT.shape, dtype=picked_N.dtype, device=picked_N.device).masked_scatter(mask_BT, picked_N)
+        picked_N, hit_N = ChunkedTokenLogprob.apply(hidden_BTD[b_N, t_N - shift], weight_VD, bias_V,
+                                                    targets_BT[b_N, t_N], temperature, chunk, weight_grad)
+    out_BT = torch.zeros(mask_BT.shape, dtype=picked_N.dtype, device=picked_N.device).masked_scatter(mask_BT, picked_N)
+    if not return_hit:
+        return out_BT
+    return out_BT, torch.zeros_like(mask_BT).masked_scatter(mask_BT, hit_N.detach())

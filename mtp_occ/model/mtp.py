@@ -86,6 +86,9 @@ class MTPOutput(NamedTuple):
     mtp_ce_mask_KBT: torch.Tensor
     mtp_rl_mask_KBT: torch.Tensor
     mtp_ce_K: torch.Tensor  # masked token CE per depth (mean over this batch's valid tokens)
+    mtp_hit_KBT: torch.Tensor | None = None  # depth k's argmax is the target (on its CE mask): draft acceptance
+    # the MTP layers' log-probs with every shared input detached (`head_ce`; None when not asked for)
+    mtp_head_logprob_KBT: torch.Tensor | None = None
 
 
 class MTPLayer(nn.Module):
@@ -138,10 +141,12 @@ class MTPModel(nn.Module):
     def forward(self, input_ids_BT: torch.Tensor, attention_mask_BT: torch.Tensor,
                 response_mask_BT: torch.Tensor, grad_path: GradPathConfig = ALL_PATHS,
                 temperature: float = 1.0, with_mtp: bool = True, logprob_chunk_mb: float = 64.0,
-                position_ids_BT: torch.Tensor | None = None) -> MTPOutput:
+                position_ids_BT: torch.Tensor | None = None, head_ce: bool = False) -> MTPOutput:
         """`logprob_chunk_mb`: MB of float32 logits per head chunk (0 = dense reference); `position_ids_BT`:
         packed rows (then `attention_mask_BT` is ignored: HF builds the block-diagonal mask, or flash-attention
-        its varlen boundaries, from the positions)."""
+        its varlen boundaries, from the positions). `head_ce`: also `mtp_head_logprob_KBT`, the MTP layers
+        run on detached inputs (h⁰, E's weight, H's weight), so a loss on them trains the MTP layers only; a
+        second pass through the MTP layers unless `grad_path` already detaches everything."""
         from transformers.masking_utils import create_causal_mask
 
         packed = position_ids_BT is not None
@@ -173,16 +178,33 @@ class MTPModel(nn.Module):
                                     past_key_values=None, position_ids=pos_BT)
         rope = backbone.rotary_emb(h_BTD, position_ids=pos_BT)
         emb_w = backbone.embed_tokens.weight if grad_path.embedding else backbone.embed_tokens.weight.detach()
-        h_prev = pre_norm[-1] if pre_norm else h_BTD
-        h_prev = h_prev if grad_path.backbone else h_prev.detach()
-        mtp_lp, ces = [], []
+        h0_BTD = pre_norm[-1] if pre_norm else h_BTD
+        run = dict(input_ids_BT=input_ids_BT, ce_mask_KBT=ce_mask_KBT, targets_BT=targets_BT, mask4d=mask4d,
+                   pos_BT=pos_BT, rope=rope, temperature=temperature, chunk_mb=logprob_chunk_mb)
+        mtp_KBT, hit_KBT = self._mtp_pass(h0_BTD if grad_path.backbone else h0_BTD.detach(), emb_w,
+                                          grad_path.lm_head, **run)
+        head_KBT = None
+        if head_ce:
+            detached = not (grad_path.embedding or grad_path.backbone or grad_path.lm_head)
+            head_KBT = mtp_KBT if detached else self._mtp_pass(h0_BTD.detach(), emb_w.detach(), False, **run)[0]
+        ces = []
+        for k in range(self.depth):  # one depth at a time (the float sums the pre-training loss was pinned with)
+            m_BT = ce_mask_KBT[k].to(mtp_KBT.dtype)
+            ces.append(-(mtp_KBT[k] * m_BT).sum() / m_BT.sum().clamp(min=1.0))
+        ce_K = torch.stack(ces)
+        return MTPOutput(logprob_BT, mtp_KBT, loss_BT, ce_mask_KBT, rl_mask_KBT, ce_K, hit_KBT, head_KBT)
+
+    def _mtp_pass(self, h_prev, emb_w, head_grad: bool, *, input_ids_BT, ce_mask_KBT, targets_BT, mask4d, pos_BT,
+                  rope, temperature: float, chunk_mb: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(log-probs, argmax hits) of every depth, aligned: depth k's raw prediction at t−k scores x_{t+1},
+        read there only where its CE mask selects it."""
+        head = self.lm.get_output_embeddings()
+        lps, hits = [], []
         for k, layer in enumerate(self.mtp, start=1):
             e_BTD = F.embedding(shift_left_BT(input_ids_BT, k), emb_w)
             h_prev = layer(h_prev, e_BTD, mask4d, pos_BT, rope)
-            # depth k's raw prediction at t−k scores x_{t+1}: read there, only where the CE mask selects it
-            aligned_BT = head_logprob_BT(h_prev, head.weight, head.bias, targets_BT, ce_mask_KBT[k - 1],
-                                         temperature, logprob_chunk_mb, shift=k, weight_grad=grad_path.lm_head)
-            mtp_lp.append(aligned_BT)
-            m = ce_mask_KBT[k - 1].to(aligned_BT.dtype)
-            ces.append(-(aligned_BT * m).sum() / m.sum().clamp(min=1.0))
-        return MTPOutput(logprob_BT, torch.stack(mtp_lp), loss_BT, ce_mask_KBT, rl_mask_KBT, torch.stack(ces))
+            lp_BT, hit_BT = head_logprob_BT(h_prev, head.weight, head.bias, targets_BT, ce_mask_KBT[k - 1],
+                                            temperature, chunk_mb, shift=k, weight_grad=head_grad, return_hit=True)
+            lps.append(lp_BT)
+            hits.append(hit_BT)
+        return torch.stack(lps), torch.stack(hits)

@@ -14,7 +14,8 @@ A regime whose statistic must be formed once per optimizer update (OCC's λ over
 also defines `wants_update_statistics` (True), `statistics(x)` (additive local sums for one micro-batch)
 and `begin_update(sums, coef_scale)`; `mtp_occ.update.rl_update` calls `begin_update` before each update
 with the sums over the mini-batch and all ranks (or `None` when the update is one micro-batch, whose own
-inputs then give the statistic) and `begin_update(None)` after it.
+inputs then give the statistic) and `begin_update(None)` after it. A regime that needs the MTP head's
+own log-probs at the rollout weights (`MtpTermInputs.old_mtp_logprob_BT`) defines `wants_old_mtp` (True).
 
 | regime        | MTP loss                         | grad_path            | λ                         |
 |---------------|----------------------------------|----------------------|---------------------------|
@@ -83,6 +84,7 @@ class MtpTermInputs:
     mtp_denom_K: list[float]  # the policy loss's normaliser per depth for the mini-batch (`loss_denominator`)
     policy_loss_fn: Callable[..., tuple[torch.Tensor, dict[str, float]]]
     coef_scale: float  # the coefficient schedule's multiplier at this progress
+    old_mtp_logprob_BT: torch.Tensor | None = None  # depth 1 at rollout time (only when a regime asks for it)
 
 
 @dataclass

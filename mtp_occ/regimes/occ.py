@@ -16,6 +16,10 @@ tokens (see `mtp_occ.rl.occ`). λ can be negative (λ* ∝ c/v² is); `clamp` bo
   released (verl-based) code does.
 Only depth 1 enters the estimate; every depth gets the same λ.
 
+`estimator`: `ratio_of_sums` (the paper), `mean_of_ratios` (the released code), or `own_displacement`
+(not in the paper): ĉ/(v̂²+ε) with δ_MTP measured from the MTP head's own log-probs at the rollout weights,
+which the old-log-prob pass then computes too (`wants_old_mtp`); see `mtp_occ.rl.occ` for why.
+
 `lambda_on` says where λ enters the loss. `occ` uses `loss`: λ·L_MTP(A), the paper's L_RL + λ·L_MTP,
 whose gradient is λ·g_MTP along a direction that does not depend on λ, the quantity c/v² calibrates.
 `advantages` is the released code's L_MTP(λ·A): the clipped surrogate is positively homogeneous in A,
@@ -53,6 +57,7 @@ class LambdaOn(str, Enum):
 class Estimator(str, Enum):
     ratio_of_sums = "ratio_of_sums"  # the paper: ĉ / (v̂² + ε)
     mean_of_ratios = "mean_of_ratios"  # the released code: mean_t δ_RL·δ_MTP / (δ_MTP² + ε)
+    own_displacement = "own_displacement"  # ĉ/(v̂²+ε) with δ_MTP = logp_mtp − logp_old_mtp (see `rl.occ`)
 
 
 @dataclass
@@ -91,10 +96,18 @@ class OccRegime:
         """True when λ is one per update: `rl_update` then calls `begin_update` before each update."""
         return self.cfg.lambda_per is LambdaPer.update
 
+    @property
+    def wants_old_mtp(self) -> bool:
+        """True when δ_MTP is the head's own displacement: the old-log-prob pass then runs the MTP layers."""
+        return self.cfg.estimator is Estimator.own_displacement
+
     def statistics(self, x: MtpTermInputs) -> torch.Tensor:
         """This (micro-)batch's local `occ_sums` (depth 1); sums over micro-batches and ranks add up."""
+        old_mtp = None
+        if self.wants_old_mtp:  # a masked-out stand-in row carries none: its δ_MTP is 0 either way
+            old_mtp = x.mtp_logprob_KBT[0] if x.old_mtp_logprob_BT is None else x.old_mtp_logprob_BT
         return occ_sums(x.logprob_BT, x.mtp_logprob_KBT[0], x.old_logprob_BT, x.mtp_rl_mask_KBT[0],
-                        self.cfg.eps, slice_mask_BT=x.mtp_ce_mask_KBT[0])
+                        self.cfg.eps, slice_mask_BT=x.mtp_ce_mask_KBT[0], old_mtp_logprob_BT=old_mtp)
 
     def begin_update(self, sums: torch.Tensor | None, coef_scale: float = 1.0) -> None:
         """Fix λ for the coming update from the mini-batch's summed (all-ranks) `statistics`; `None`

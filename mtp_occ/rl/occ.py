@@ -4,6 +4,12 @@ Over valid response tokens, with δ_RL = logp − logp_old and δ_MTP = logp_mtp
 scored against the *main* head's old log-prob):
     ĉ = Σ δ_RL·δ_MTP,   v̂² = Σ δ_MTP²,   ratio_of_sums = ĉ / (v̂² + ε)              (the paper)
     mean_of_ratios = mean_t δ_RL·δ_MTP / (δ_MTP² + ε)                         (the released code)
+    own_displacement: ratio_of_sums with δ_MTP = logp_mtp − logp_old_mtp        (not in the paper)
+The paper's δ_MTP is dominated by the standing gap between the MTP head and the main head (it does not
+shrink as the update moves the weights), so v̂² mostly measures that gap, not the MTP term's movement.
+`own_displacement` scores the MTP head against its *own* log-probs at the rollout weights (from the same
+no-grad pass that gives logp_old, `mtp_occ.update.old_logprobs(with_mtp=True)`), so δ_MTP is the head's
+displacement since the rollout, like δ_RL is the main head's.
 `masked=False` averages `mean_of_ratios` over the *response slice* (B·R positions, padding included),
 as the released code does: its tensors are the response columns only, R wide. Ours are prediction-aligned
 prompt + response, so the slice is taken from a response mask (`slice_mask_BT`): the columns from the
@@ -27,7 +33,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-ESTIMATORS = ("ratio_of_sums", "mean_of_ratios")
+ESTIMATORS = ("ratio_of_sums", "mean_of_ratios", "own_displacement")
 # the entries of `occ_sums`
 C_HAT, V2_HAT, RATIO_SUM, VALID, SLICE, POSITIONS = range(6)
 
@@ -49,12 +55,15 @@ def response_slice_positions(slice_mask_BT: torch.Tensor) -> float:
 
 @torch.no_grad()
 def occ_sums(logprob_BT: torch.Tensor, mtp_logprob_BT: torch.Tensor, old_logprob_BT: torch.Tensor,
-             mask_BT: torch.Tensor, eps: float = 1e-8, slice_mask_BT: torch.Tensor | None = None) -> torch.Tensor:
+             mask_BT: torch.Tensor, eps: float = 1e-8, slice_mask_BT: torch.Tensor | None = None,
+             old_mtp_logprob_BT: torch.Tensor | None = None) -> torch.Tensor:
     """Local float64 sums `[ĉ, v̂², Σ per-token ratios, valid tokens, response-slice positions, positions]`
-    over this batch (index with `C_HAT`, `V2_HAT`, ...). Sums over disjoint batches add up."""
+    over this batch (index with `C_HAT`, `V2_HAT`, ...). Sums over disjoint batches add up.
+    `old_mtp_logprob_BT`: δ_MTP's baseline (`own_displacement`); default the main head's old log-prob."""
     m_BT = mask_BT.to(torch.float64)
     d_rl_BT = (logprob_BT.double() - old_logprob_BT.double()) * m_BT
-    d_mtp_BT = (mtp_logprob_BT.double() - old_logprob_BT.double()) * m_BT
+    base_BT = old_logprob_BT if old_mtp_logprob_BT is None else old_mtp_logprob_BT
+    d_mtp_BT = (mtp_logprob_BT.double() - base_BT.double()) * m_BT
     per_tok_BT = d_rl_BT * d_mtp_BT / (d_mtp_BT.square() + eps)
     slice_pos = response_slice_positions(mask_BT if slice_mask_BT is None else slice_mask_BT)
     return torch.stack([(d_rl_BT * d_mtp_BT).sum(), d_mtp_BT.square().sum(), per_tok_BT.sum(), m_BT.sum(),
@@ -68,7 +77,7 @@ def occ_ratio(sums: torch.Tensor, estimator: str = "ratio_of_sums", masked: bool
     if estimator not in ESTIMATORS:
         raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
     c_hat, v2_hat, ratio_sum = float(sums[C_HAT]), float(sums[V2_HAT]), float(sums[RATIO_SUM])
-    if estimator == "ratio_of_sums":
+    if estimator in ("ratio_of_sums", "own_displacement"):  # the two differ in δ_MTP's baseline (`occ_sums`)
         return c_hat / (v2_hat + eps), c_hat, v2_hat
     count = float(sums[VALID] if masked else sums[SLICE])
     return ratio_sum / max(count, 1.0), c_hat, v2_hat

@@ -32,6 +32,8 @@ class RolloutBatch:
     prompt_truncated: int  # prompts cut to max_prompt_len (counted, logged)
     token_weight_BT: torch.Tensor | None = None  # per-token loss weights (vLLM truncated IS), else None
     rollout_logprob_BT: torch.Tensor | None = None  # the sampler's own log-probs (vLLM), prediction-aligned
+    # depth 1's MTP log-probs at the rollout weights (OCC's `own_displacement` estimator), aligned as the model's
+    old_mtp_logprob_BT: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids_BT.shape[0]
@@ -42,7 +44,8 @@ class RolloutBatch:
         return RolloutBatch(self.input_ids_BT[rows], self.attention_mask_BT[rows], self.response_mask_BT[rows],
                             self.response_len_B[rows], self.truncated_B[rows], self.prompt_idx_B[rows],
                             [self.completions[i] for i in idx], self.prompt_truncated,
-                            *(None if t is None else t[rows] for t in (self.token_weight_BT, self.rollout_logprob_BT)))
+                            *(None if t is None else t[rows] for t in (self.token_weight_BT, self.rollout_logprob_BT,
+                                                                       self.old_mtp_logprob_BT)))
 
 
 def encode_prompts(tokenizer, prompts: list[str], max_prompt_len: int, add_special_tokens: bool = True
