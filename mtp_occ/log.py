@@ -39,7 +39,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from mtp_occ.rundir import RunDir, atomic_write_text
+from mtp_occ.rundir import PREV_SUFFIX, RunDir, atomic_write_text
 
 WANDB_MODES = ("online", "offline", "disabled")
 INIT_TIMEOUT_S = 15.0  # bounds wandb's handshake with the server; on expiry we go offline
@@ -65,10 +65,10 @@ def read_metrics(run_dir: Path | str) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_metrics(run_dir: Path | str, resume_step: int) -> int:
-    """Atomically rewrite `metrics.jsonl` keeping the complete lines with step <= `resume_step`.
-    Returns the number of lines dropped."""
-    path = RunDir(run_dir).metrics
+def truncate_metrics(run_dir: Path | str, resume_step: int, path: Path | None = None) -> int:
+    """Atomically rewrite `metrics.jsonl` (or the per-step jsonl `path`) keeping the complete lines with
+    step <= `resume_step`. Returns the number of lines dropped."""
+    path = RunDir(run_dir).metrics if path is None else path
     if not path.exists():
         return 0
     lines = path.read_text().splitlines()
@@ -145,6 +145,11 @@ class RunLogger:
             raise ValueError(f"wandb mode must be one of {WANDB_MODES}, got {mode!r} (set wandb.mode=...)")
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._open_metrics(resume_step)
+        diagnostics = RunDir(self.run_dir).diagnostics
+        if resume_step is not None:  # rows of steps after the checkpoint are written again
+            truncate_metrics(self.run_dir, resume_step, diagnostics)
+        elif diagnostics.exists():
+            os.replace(diagnostics, diagnostics.with_name(diagnostics.name + PREV_SUFFIX))
         if mode != "disabled":
             wandb_dir = Path(os.environ.get("WANDB_DIR", self.run_dir))
             wandb_dir.mkdir(parents=True, exist_ok=True)
@@ -169,6 +174,17 @@ class RunLogger:
             if table is not None:
                 metrics = {**metrics, "eval/samples": table}
         self._wandb_log(metrics, step)
+
+    def log_updates(self, rows: list[dict[str, float]], step: int) -> None:
+        """Append one `{"step": step, "update": u, **row}` line per optimizer update to diagnostics.jsonl
+        (fsynced; rank 0 only). The step's metrics.jsonl line holds their mean, which mixes signs."""
+        if self._file is None or not rows:
+            return
+        with open(RunDir(self.run_dir).diagnostics, "a") as f:
+            for u, row in enumerate(rows):
+                f.write(json.dumps({"step": int(step), "update": u, **{k: _scalar(v) for k, v in row.items()}}) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
 
     def finish(self, status: str = "finished") -> None:
         """Close metrics.jsonl and the wandb run (exit code 0 only for status "finished"). Idempotent."""

@@ -40,6 +40,7 @@ OVERRIDES_FILE = "overrides.txt"
 CONFIG_FILE = "config.yaml"
 RUN_FILE = "run.json"
 METRICS_FILE = "metrics.jsonl"
+DIAGNOSTICS_FILE = "diagnostics.jsonl"  # one row per optimizer update at diagnostics steps
 PREV_SUFFIX = ".prev"  # a set-aside older copy: metrics.jsonl.prev
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_FILE = "latest"  # in checkpoints/: the name of the newest complete checkpoint
@@ -115,6 +116,11 @@ class RunDir:
     @property
     def metrics_prev(self) -> Path:
         return self.root / (METRICS_FILE + PREV_SUFFIX)
+
+    @property
+    def diagnostics(self) -> Path:
+        """Per-update rows `{"step", "update", ...}` at `diagnostics.every` steps (`RunLogger.log_updates`)."""
+        return self.root / DIAGNOSTICS_FILE
 
     @property
     def checkpoints(self) -> Path:

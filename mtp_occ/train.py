@@ -235,6 +235,7 @@ def train(cfg: Config, overrides: list[str]) -> dict:
                                     head_ce=cfg.regime.head_ce,
                                     diagnose=bool(cfg.diagnostics.every) and step % cfg.diagnostics.every == 0)
                     metrics.update(res.metrics)
+                    logger.log_updates(res.per_update, step)  # diagnostics steps: one row per update
                     faults += res.skipped
                     bad_streak = bad_streak + 1 if res.skipped == cfg.algo.updates_per_step else 0
                     if bad_streak >= cfg.algo.max_bad_steps:

@@ -49,6 +49,8 @@ class UpdateResult:
     metrics: dict[str, float]
     skipped: int  # updates skipped for non-finite gradients
     bad_term: str | None  # which term was non-finite in the last skipped update
+    # with `diagnose`: each update's metrics and exact decomposition, in order (the step's mean mixes signs)
+    per_update: list[dict[str, float]] = dataclasses.field(default_factory=list)
 
 
 def minibatch_rows(n_groups: int, group_size: int, updates: int, first_group: int = 0) -> list[torch.Tensor]:
@@ -158,7 +160,11 @@ def _micro_step(model, engine, regime: Regime, mb: RolloutBatch, old_BT, adv_B, 
     x = _term_inputs(out, mb, old_BT, adv_B, algo, denoms, coef_scale)
     pg, pg_m = x.policy_loss_fn(out.logprob_BT, out.loss_mask_BT, denom=denoms["pg"])
     term = regime.mtp_term(x)
-    mtp_term = term.lam * term.loss
+    if getattr(regime, "exact_gradients", False):  # `occ_exact`: ∇mtp_loss kept apart, λ·g_MTP added at the end
+        regime.add_mtp_gradient(term.loss)
+        mtp_term = term.loss.new_zeros(())
+    else:
+        mtp_term = term.lam * term.loss
     aux, aux_m = _head_terms(out, x, head_ce)
     metrics = {"loss/pg": pg.item(), "loss/mtp": mtp_term.item(), **{f"pg/{k}": v for k, v in pg_m.items()},
                **term.metrics, **aux_m}
@@ -215,12 +221,18 @@ def rl_update(model: MTPModel, engine: Engine, regime: Regime, batch: RolloutBat
     model.train()
     check_packing(model, algo)
     shared = [p for p in model.lm.parameters() if p.requires_grad]
+    exact = getattr(regime, "exact_gradients", False)
+    prev_g_rl, per_update = None, []
     updates = minibatch_rows(len(batch) // group_size, group_size, algo.updates_per_step, first_group)
     for u, rows in enumerate(updates):
         mb, mb_old, mb_adv = batch.select(rows), old_BT[rows], adv_B[rows]
-        diag = Decomposition(shared) if diagnose and (u > 0 or len(updates) == 1) else None
+        diag = Decomposition(shared, prev_g_rl) if diagnose else None
+        # the step's mean skips the first update's decomposition: there logp == logp_old, so ĉ = 0 by construction
+        in_mean = diag is not None and (u > 0 or len(updates) == 1)
         denoms = _denominators(mb, model.depth, algo.agg)
         engine.zero_grad()
+        if exact:
+            regime.begin_update([p for p in model.parameters() if p.requires_grad], shared)
         parts = micro_batch_rows(mb, algo)
         bad, micro = None, []
         n_micro = max_int(len(parts))  # the same count on every rank
@@ -236,9 +248,16 @@ def rl_update(model: MTPModel, engine: Engine, regime: Regime, batch: RolloutBat
         if getattr(regime, "wants_update_statistics", False):
             regime.begin_update(None)
         bad = bad if not max_int(bad is not None) else (bad or "remote")  # every rank skips together
-        norm, mtp_norm, applied = engine.step(finite=bad is None, before_clip=diag.measure if diag else None)
+        before_clip = regime.finish_update if exact else diag.measure if diag else None
+        norm, mtp_norm, applied = engine.step(finite=bad is None, before_clip=before_clip)
         merged = _merge_micro(micro)
-        merged.update({"grad/norm": norm, "grad/mtp_norm": mtp_norm, **(diag.result if diag else {})})
+        merged.update({"grad/norm": norm, "grad/mtp_norm": mtp_norm, **(diag.result if diag else {}),
+                       **(regime.metrics if exact else {})})
+        if diag is not None:
+            per_update.append(dict(merged))
+            prev_g_rl = diag.g_rl
+            if not in_mean:
+                merged = {k: v for k, v in merged.items() if not k.startswith("diag/")}
         for k, v in merged.items():
             sums[k] += v
             counts[k] += 1
@@ -248,4 +267,4 @@ def rl_update(model: MTPModel, engine: Engine, regime: Regime, batch: RolloutBat
     # single-process mean even where this rank's share of an update was empty; the rest over its own updates
     metrics = {k: sums[k] / (len(updates) if k.startswith(SUMMED) else counts[k]) for k in sums}
     metrics["fault/skipped_updates"] = float(skipped)
-    return UpdateResult(metrics, skipped, bad_term)
+    return UpdateResult(metrics, skipped, bad_term, per_update)

@@ -75,3 +75,49 @@ def test_exact_c_and_v2_match_separate_backward_passes():
     v2 = sum(float(b.double().square().sum()) for b in g_mtp if b is not None)
     assert m["diag/v2"] == pytest.approx(v2, rel=1e-4)
     assert m["diag/c"] == pytest.approx(c, rel=1e-3, abs=1e-8)
+
+
+def test_per_update_rows_and_the_cross_mini_batch_c():
+    """Every update gets its own row; update u's `diag/c_cross` is ⟨g_RL of update u−1, g_MTP of update u⟩,
+    checked against the rows' own g_RL kept by the decomposition; the step mean skips update 0 as before."""
+    from mtp_occ.rl.diagnostics import Decomposition
+
+    seen = []
+    real_init = Decomposition.__init__
+
+    def spy(self, params, prev_g_rl=None):
+        real_init(self, params, prev_g_rl)
+        seen.append(self)
+
+    cfg, model, batch, adv = _setup("policy", updates=2)
+    old = old_logprobs(model, batch, 0, 1.0)
+    engine = TorchEngine(model, cfg.algo, total_steps=cfg.steps)
+    Decomposition.__init__ = spy
+    try:
+        res = rl_update(model, engine, build_regime(cfg.regime), batch, old, adv, cfg.algo, coef_scale=1.0,
+                        temperature=1.0, group_size=2, diagnose=True)
+    finally:
+        Decomposition.__init__ = real_init
+    rows = res.per_update
+    assert len(rows) == 2 and "diag/c_cross" not in rows[0] and "diag/c_cross" in rows[1]
+    want = sum(float((a.double() * b.double()).sum()) for a, b in zip(seen[0].g_rl, seen[1].g_mtp, strict=True))
+    assert rows[1]["diag/c_cross"] == pytest.approx(want, rel=1e-5)
+    assert rows[1]["diag/c"] != rows[1]["diag/c_cross"]
+    assert res.metrics["diag/c"] == rows[1]["diag/c"]  # the step's mean: the updates after the first
+
+
+def test_diagnostics_jsonl_is_one_row_per_update_and_resume_truncates_it(tmp_path):
+    from mtp_occ.log import RunLogger
+    from mtp_occ.rundir import RunDir
+
+    logger = RunLogger(tmp_path, config={}, name="d", mode="disabled")
+    logger.log_updates([{"diag/c": 1.0}, {"diag/c": -2.0}], step=1)
+    logger.log_updates([{"diag/c": 3.0}], step=2)
+    logger.finish()
+    import json
+
+    rows = [json.loads(line) for line in RunDir(tmp_path).diagnostics.read_text().splitlines()]
+    assert [(r["step"], r["update"], r["diag/c"]) for r in rows] == [(1, 0, 1.0), (1, 1, -2.0), (2, 0, 3.0)]
+    RunLogger(tmp_path, config={}, name="d", mode="disabled", resume_step=1).finish()
+    rows = [json.loads(line) for line in RunDir(tmp_path).diagnostics.read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 1]

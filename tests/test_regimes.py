@@ -36,6 +36,12 @@ def test_contract(name):
     regime = build_regime(REGIME_CONFIGS[name])
     x = _inputs()
     t = regime.mtp_term(x)
+    if REGIME_CONFIGS[name].exact_gradients:  # λ is fixed at the end of the update (tests/test_occ_exact.py)
+        assert t.lam == 0.0 and "mtp/ce" in t.metrics and t.loss.ndim == 0 and torch.isfinite(t.loss)
+        t.loss.backward()
+        assert x.mtp_logprob_KBT.grad.abs().sum() > 0
+        regime.load_state_dict(regime.state_dict())
+        return
     term, metrics = t.lam * t.loss, t.metrics
     assert term.ndim == 0 and torch.isfinite(term)
     assert "mtp/lambda" in metrics and "mtp/ce" in metrics

@@ -319,6 +319,8 @@ COMPOSE_CASES = [
     (["algo.max_tokens_per_micro_batch=50"], "algo.max_tokens_per_micro_batch", "at least 80"),
     (["regime=occ", "+regime.lam=5"], "regime.lam", "lambda_plus"),  # occ's coefficient is λ₊
     (["regime.head_ce=-1"], "regime.head_ce", ">= 0"),
+    (["regime=occ_exact", "deepspeed=zero2"], "regime", "deepspeed=none"),
+    (["regime=occ_exact", "diagnostics.every=2"], "diagnostics.every", "occ/c"),
     (["eval.benchmarks=[aime24,aime26]"], "eval.benchmarks", "olympiadbench"),
     (["reward.grader=gpt_judge"], "reward.grader", "math_verify"),
     (["data.template=chatml"], "data.template", "qwen_boxed"),

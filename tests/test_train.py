@@ -55,9 +55,12 @@ def test_smoke_every_regime(tmp_path, name):
     assert any(k.startswith("mtp.") for k in moved), "MTP layers did not train"
     assert any(k.startswith("lm.model.layers") for k in moved), "backbone did not train"
     assert (run_dir / "eval" / "summary.json").exists() and out["final_eval"]["benchmarks"]["arith"]["n"] == 16
-    if name.startswith("occ"):
+    if REGIME_CONFIGS[name].calibrated:
         assert any(r["occ/lambda"] != 0.0 for r in rows)
+    if REGIME_CONFIGS[name].calibrated and not REGIME_CONFIGS[name].exact_gradients:
         assert {"occ/c_hat", "occ/v2_hat", "occ/valid_frac", "mtp/clipfrac"} <= set(rows[0])
+    if REGIME_CONFIGS[name].exact_gradients:
+        assert {"occ/c", "occ/v2", "occ/cos", "mtp/clipfrac"} <= set(rows[0])
 
 
 def test_detach_shared_weights_do_not_depend_on_the_mtp_loss(tmp_path):

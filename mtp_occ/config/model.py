@@ -97,10 +97,13 @@ class RegimeConfig:
     at compose time). `build()` returns the regime object; `mtp_occ.regimes.register` refuses a config
     class that does not define it."""
 
-    # True for regimes whose λ is estimated from δ = logp - logp_old (needs several updates per step)
+    # True for regimes that calibrate λ at each update (OCC's family); unless `exact_gradients`, from
+    # δ = logp - logp_old, which needs several updates per step
     calibrated: ClassVar[bool] = False
     # the fields that set this regime's coefficient, in display order
     coef_keys: ClassVar[tuple[str, ...]] = ()
+    # True for regimes that need the whole, unpartitioned gradients at each update (`occ_exact`)
+    exact_gradients: ClassVar[bool] = False
 
     name: str = MISSING
     grad_path: GradPathConfig = field(default_factory=GradPathConfig)

@@ -65,7 +65,7 @@ class Config:
         from mtp_occ.model.packing import PACKING_ATTENTION
         from mtp_occ.tasks import TASKS
 
-        if self.regime.calibrated and self.algo.updates_per_step == 1:
+        if self.regime.calibrated and not self.regime.exact_gradients and self.algo.updates_per_step == 1:
             import warnings
 
             warnings.warn(f"regime={self.regime.name} with algo.updates_per_step=1: logp == logp_old at the only update, "
@@ -85,6 +85,11 @@ class Config:
                 f"data.source is {self.data.source!r}: use data=arith, or pick a hub model (e.g. model=smollm2_135m)")
         require(not (self.deepspeed.enabled and self.diagnostics.every), "diagnostics.every",
                 "needs deepspeed=none (ZeRO partitions the gradients it measures); set diagnostics.every=0")
+        if self.regime.exact_gradients:
+            require(not self.deepspeed.enabled, "regime", f"regime={self.regime.name} needs the whole gradients at "
+                    "every update, which ZeRO partitions; use deepspeed=none, or regime=occ")
+            require(not self.diagnostics.every, "diagnostics.every", f"regime={self.regime.name} logs the exact c, "
+                    "v² and cos itself (occ/c, occ/v2, occ/cos); set diagnostics.every=0")
         require(not self.algo.pack_sequences or self.model.attn_implementation in PACKING_ATTENTION,
                 "algo.pack_sequences", f"needs model.attn_implementation in {PACKING_ATTENTION} (they separate packed "
                 f"sequences by position ids), got {self.model.attn_implementation!r}; set algo.pack_sequences=false "

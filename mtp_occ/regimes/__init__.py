@@ -16,6 +16,9 @@ and `begin_update(sums, coef_scale)`; `mtp_occ.update.rl_update` calls `begin_up
 with the sums over the mini-batch and all ranks (or `None` when the update is one micro-batch, whose own
 inputs then give the statistic) and `begin_update(None)` after it. A regime that needs the MTP head's
 own log-probs at the rollout weights (`MtpTermInputs.old_mtp_logprob_BT`) defines `wants_old_mtp` (True).
+A regime whose λ needs the update's exact gradients (`occ_exact`) defines `exact_gradients` (True) and
+returns `lam = 0` from `mtp_term`; `rl_update` then keeps ∇ of its loss apart (`add_mtp_gradient`) and
+calls `finish_update()` before clipping, which fixes λ and adds λ·g_MTP to the gradients.
 
 | regime        | MTP loss                         | grad_path            | λ                         |
 |---------------|----------------------------------|----------------------|---------------------------|
@@ -25,6 +28,7 @@ own log-probs at the rollout weights (`MtpTermInputs.old_mtp_logprob_BT`) define
 | policy        | the main head's clipped loss     | all                  | lam × schedule            |
 | occ           | the main head's clipped loss     | all                  | λ₊ × schedule × ĉ/(v̂²+ε)  |
 | occ_compat    | as occ, L(λ·A), see `occ`        | all                  | λ₊ = 0.1, unmasked mean of ratios per micro-batch |
+| occ_exact     | the main head's clipped loss     | all                  | λ₊ × schedule × c/(v²+ε) from exact gradients |
 """
 
 from __future__ import annotations

@@ -7,6 +7,13 @@ untouched, so the optimizer sees bit-for-bit the gradients it would see without 
 then recovered as g_total − Σ λ_i·g_MTP,i (the λ of each micro-batch). Total cost: two backward passes
 per micro-batch instead of one, no extra forward. The paper computed the same quantities from separate
 backward passes at 5.6× a step.
+
+Cross-mini-batch c: given the previous update's g_RL (`prev_g_rl`, another mini-batch of the same
+policy, weights one update apart), `diag/c_cross` = ⟨g_RL^prev, g_MTP⟩. Within one mini-batch
+⟨g_RL, g_MTP⟩ also holds the two gradients' sampling covariance; across independent mini-batches it
+estimates the population ⟨∇J, g_MTP⟩ the one-step gain needs. Every update's values are also written
+one row per update (`diagnostics.jsonl`, `mtp_occ.log.RunLogger.log_updates`): the step's mean in
+metrics.jsonl mixes signs.
 """
 
 from __future__ import annotations
@@ -19,8 +26,9 @@ import torch
 class Decomposition:
     """Accumulates g_MTP over the micro-batches of one optimizer update, then measures against .grad."""
 
-    def __init__(self, params: list[torch.nn.Parameter]):
-        self.params = params
+    def __init__(self, params: list[torch.nn.Parameter], prev_g_rl: list[torch.Tensor] | None = None):
+        self.params, self.prev_g_rl = params, prev_g_rl
+        self.g_rl: list[torch.Tensor] = []  # this update's g_RL after `measure` (the next update's prev_g_rl)
         self.result: dict[str, float] = {}
         self.g_mtp = [torch.zeros_like(p) for p in params]
         self.lam_g_mtp = [torch.zeros_like(p) for p in params]
@@ -43,13 +51,19 @@ class Decomposition:
 
         for acc in (*self.g_mtp, *self.lam_g_mtp):
             all_reduce_(acc)
-        c = v2 = rl2 = 0.0
-        for p, g_mtp, lam_g in zip(self.params, self.g_mtp, self.lam_g_mtp, strict=True):
+        c = v2 = rl2 = cross = 0.0
+        self.g_rl = []
+        for i, (p, g_mtp, lam_g) in enumerate(zip(self.params, self.g_mtp, self.lam_g_mtp, strict=True)):
             total = p.grad if p.grad is not None else torch.zeros_like(p)
             g_rl = total.double() - lam_g.double()
             c += float((g_rl * g_mtp.double()).sum())
             v2 += float(g_mtp.double().square().sum())
             rl2 += float(g_rl.square().sum())
+            if self.prev_g_rl is not None:
+                cross += float((self.prev_g_rl[i].double() * g_mtp.double()).sum())
+            self.g_rl.append(g_rl.to(p.dtype))
         cos = c / math.sqrt(v2 * rl2) if v2 > 0 and rl2 > 0 else 0.0
         self.result = {"diag/c": c, "diag/v2": v2, "diag/cos": cos, "diag/g_rl_norm2": rl2}
+        if self.prev_g_rl is not None:
+            self.result["diag/c_cross"] = cross
         return self.result
