@@ -132,3 +132,23 @@ def test_summarize_rejects_uneven_k():
     records = _records("b", {"q1": [1.0, 0.0], "q2": [1.0]})
     with pytest.raises(ValueError, match="problem 'q2' has 1 samples, the first problem has 2"):
         summarize(records)
+
+
+def test_stratified_paired_bootstrap_resamples_each_benchmark_on_its_own():
+    """Against the algorithm written out: one stream, each group's (n_boot, n) resample in turn, the
+    bootstrap means averaged over groups."""
+    import numpy as np
+
+    from mtp_occ.eval.metrics import stratified_paired_bootstrap
+
+    g = np.random.default_rng(5)
+    groups = [g.normal(0.1, 1, 30), g.normal(-0.05, 1, 12), g.normal(0.2, 1, 50)]
+    rng = np.random.default_rng(7)
+    boots = np.mean([d[rng.integers(0, len(d), size=(400, len(d)))].mean(axis=1) for d in groups], axis=0)
+    diff = float(np.mean([d.mean() for d in groups]))
+    lo, hi = np.quantile(boots, [0.025, 0.975])
+    got = stratified_paired_bootstrap(groups, n_boot=400, seed=7)
+    assert got["diff"] == pytest.approx(diff) and (got["lo"], got["hi"]) == pytest.approx((lo, hi))
+    assert got["p_value"] == (1 + int(np.sum(np.abs(boots - diff) >= abs(diff) - 1e-12))) / 401
+    with pytest.raises(ValueError, match="every group"):
+        stratified_paired_bootstrap([[0.1], []])

@@ -76,3 +76,13 @@ def test_a_training_run_with_own_displacement(tmp_path):
     rows = _metrics(tmp_path / "own")
     assert [r["step"] for r in rows] == [1, 2] and all(r["occ/lambda"] != 0.0 for r in rows)
     assert out["final_eval"] is None
+
+
+def test_missing_rollout_time_mtp_log_probs_is_an_error_not_a_zero_lambda():
+    import dataclasses
+
+    from test_regimes import _inputs
+
+    x = dataclasses.replace(_inputs(), old_mtp_logprob_BT=None)
+    with pytest.raises(ValueError, match="with_mtp=True"):
+        build_regime(compose(["regime=occ_own"]).regime).mtp_term(x)

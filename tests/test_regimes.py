@@ -27,7 +27,7 @@ def _inputs(coef_scale=1.0, same_as_old=False):
     x = MtpTermInputs(logprob_BT=logp, old_logprob_BT=old, mtp_logprob_KBT=mtp, mtp_ce_mask_KBT=mtp_mask,
                       mtp_rl_mask_KBT=mtp_mask, mtp_tokens_K=[float(mtp_mask[0].sum())],
                       mtp_denom_K=[loss_denominator(mtp_mask[0], "token-mean")], policy_loss_fn=fn,
-                      coef_scale=coef_scale)
+                      coef_scale=coef_scale, old_mtp_logprob_BT=(old + 0.07 * torch.randn(B, T)))
     return x
 
 

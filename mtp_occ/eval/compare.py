@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from mtp_occ.eval.metrics import is_correct, paired_bootstrap
+from mtp_occ.eval.metrics import is_correct, paired_bootstrap, stratified_paired_bootstrap
+from mtp_occ.rundir import EvalDir, RunDir
 
 
 def resolve_samples(path: str | os.PathLike) -> Path:
     """The samples.jsonl behind a run dir, an eval dir or a file path."""
     path = Path(path)
-    for candidate in (path, path / "eval" / "samples.jsonl", path / "samples.jsonl"):
+    for candidate in (path, RunDir(path).eval.samples, EvalDir(path).samples):
         if candidate.is_file():
             return candidate
     raise FileNotFoundError(f"no samples found for {path}: expected {path}/eval/samples.jsonl, "
@@ -59,16 +60,8 @@ def load_problem_scores(path: str | os.PathLike) -> dict[str, dict[str, float]]:
 
 def _average_row(a: dict, b: dict, names: list[str], n_boot: int, seed: int) -> dict[str, float]:
     """Mean over benchmarks of the paired difference; each benchmark resampled independently."""
-    rng = np.random.default_rng(seed)
-    diffs, boots = [], []
-    for name in names:
-        d = np.asarray([b[name][i] - a[name][i] for i in a[name] if i in b[name]])
-        diffs.append(d.mean())
-        boots.append(d[rng.integers(0, len(d), size=(n_boot, len(d)))].mean(axis=1))
-    diff, means = float(np.mean(diffs)), np.mean(boots, axis=0)
-    lo, hi = np.quantile(means, [0.025, 0.975])
-    extreme = int(np.sum(np.abs(means - diff) >= abs(diff) - 1e-12))
-    return {"diff": diff, "lo": float(lo), "hi": float(hi), "p_value": (1 + extreme) / (1 + n_boot)}
+    diffs = [[b[name][i] - a[name][i] for i in a[name] if i in b[name]] for name in names]
+    return stratified_paired_bootstrap(diffs, n_boot=n_boot, seed=seed)
 
 
 def compare_runs(run_a: str | os.PathLike, run_b: str | os.PathLike, n_boot: int = 1000,

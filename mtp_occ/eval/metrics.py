@@ -107,7 +107,9 @@ def maj_at_k(preds: Sequence[Sequence[str | None]], correct: Sequence[Sequence[b
 # ---------------------------------------------------------------------------------------------- bootstrap
 
 
-def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int) -> np.ndarray:
+def _bootstrap_means(values: np.ndarray, n_boot: int, seed: int | np.random.Generator) -> np.ndarray:
+    """`n_boot` means of resamples (with replacement) of `values`; a Generator `seed` is drawn from as is
+    (so several calls can share one stream)."""
     rng = np.random.default_rng(seed)
     n = len(values)
     block = max(1, 2_000_000 // n)  # bound memory for large held-out sets
@@ -136,7 +138,7 @@ def _as_mapping(values: Values) -> Mapping[str, float]:
 
 
 def paired_bootstrap(a_values: Values, b_values: Values, n_boot: int = 1000, alpha: float = 0.05,
-                     seed: int = 0) -> dict[str, float]:
+                     seed: int | np.random.Generator = 0) -> dict[str, float]:
     """Mean per-problem difference B - A over problems present in both (dicts keyed by problem id, or
     equally long sequences in the same order), with a bootstrap CI and a two-sided p-value for "no
     difference" (null-centred bootstrap). Positive `diff` means B scores higher."""
@@ -156,6 +158,22 @@ def paired_bootstrap(a_values: Values, b_values: Values, n_boot: int = 1000, alp
     extreme = int(np.sum(np.abs(means - diff) >= abs(diff) - 1e-12))
     return {"diff": diff, "lo": float(lo), "hi": float(hi), "p_value": (1 + extreme) / (1 + n_boot),
             "n": len(ids), "unmatched": len(set(a) ^ set(b))}
+
+
+def stratified_paired_bootstrap(diffs_by_group: Sequence[Sequence[float]], n_boot: int = 1000, alpha: float = 0.05,
+                                seed: int | np.random.Generator = 0) -> dict[str, float]:
+    """The mean over groups (benchmarks) of each group's mean paired difference, with a bootstrap CI and a
+    two-sided p-value in which every group is resampled on its own (one random stream, groups in order):
+    the benchmark average's uncertainty, each benchmark weighted equally whatever its size."""
+    rng = np.random.default_rng(seed)
+    groups = [np.asarray(d, dtype=float) for d in diffs_by_group]
+    if not groups or any(g.size == 0 for g in groups):
+        raise ValueError("stratified_paired_bootstrap: every group needs at least one paired difference")
+    diff = float(np.mean([g.mean() for g in groups]))
+    means = np.mean([_bootstrap_means(g, n_boot, rng) for g in groups], axis=0)
+    lo, hi = np.quantile(means, [alpha / 2, 1 - alpha / 2])
+    extreme = int(np.sum(np.abs(means - diff) >= abs(diff) - 1e-12))
+    return {"diff": diff, "lo": float(lo), "hi": float(hi), "p_value": (1 + extreme) / (1 + n_boot)}
 
 
 # ---------------------------------------------------------------------------------------------- summaries

@@ -28,6 +28,7 @@ calls `finish_update()` before clipping, which fixes λ and adds λ·g_MTP to th
 | policy        | the main head's clipped loss     | all                  | lam × schedule            |
 | occ           | the main head's clipped loss     | all                  | λ₊ × schedule × ĉ/(v̂²+ε)  |
 | occ_compat    | as occ, L(λ·A), see `occ`        | all                  | λ₊ = 0.1, unmasked mean of ratios per micro-batch |
+| occ_own       | as occ                           | all                  | as occ, δ_MTP = logp_mtp − logp_old_mtp |
 | occ_exact     | the main head's clipped loss     | all                  | λ₊ × schedule × c/(v²+ε) from exact gradients |
 """
 

@@ -27,7 +27,8 @@ so this equals λ·L_MTP(A) for λ ≥ 0 but |λ|·L_MTP(−A) for λ < 0, which
 trust region. It is implemented exactly as `MtpTerm(loss = s·L_MTP(s·A), lam = λ)` with s = sign(λ), so
 `lam · loss` is L_MTP(λ·A) and `lam` stays the signed λ.
 
-`occ_compat` reproduces the released code: unmasked mean of per-token ratios over the response slice,
+`occ_own` is `occ` with `estimator=own_displacement` (a name, so that a sweep can list it beside the
+others). `occ_compat` reproduces the released code: unmasked mean of per-token ratios over the response slice,
 λ₊ = 0.1, λ per micro-batch, λ scaling the advantages."""
 
 from __future__ import annotations
@@ -104,8 +105,13 @@ class OccRegime:
     def statistics(self, x: MtpTermInputs) -> torch.Tensor:
         """This (micro-)batch's local `occ_sums` (depth 1); sums over micro-batches and ranks add up."""
         old_mtp = None
-        if self.wants_old_mtp:  # a masked-out stand-in row carries none: its δ_MTP is 0 either way
-            old_mtp = x.mtp_logprob_KBT[0] if x.old_mtp_logprob_BT is None else x.old_mtp_logprob_BT
+        if self.wants_old_mtp:
+            old_mtp = x.old_mtp_logprob_BT
+            if old_mtp is None:  # only a masked-out stand-in row may come without (its δ_MTP is 0 either way)
+                if x.mtp_rl_mask_KBT[0].any():
+                    raise ValueError(f"regime={self.cfg.name} (estimator=own_displacement) needs the MTP head's "
+                                     "rollout-time log-probs: old_logprobs(..., with_mtp=True)")
+                old_mtp = x.mtp_logprob_KBT[0]
         return occ_sums(x.logprob_BT, x.mtp_logprob_KBT[0], x.old_logprob_BT, x.mtp_rl_mask_KBT[0],
                         self.cfg.eps, slice_mask_BT=x.mtp_ce_mask_KBT[0], old_mtp_logprob_BT=old_mtp)
 
@@ -159,5 +165,6 @@ class OccRegime:
 
 
 register(OccConfig())
+register(OccConfig(name="occ_own", estimator=Estimator.own_displacement))  # a name for sweeps (e04)
 register(OccConfig(name="occ_compat", lambda_plus=0.1, estimator=Estimator.mean_of_ratios, masked=False,
                    lambda_per=LambdaPer.micro_batch, lambda_on=LambdaOn.advantages))
