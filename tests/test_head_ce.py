@@ -68,3 +68,24 @@ def test_packed_micro_batches_give_the_same_head_terms():
     _, _, packed, _ = _update("policy", "regime.head_ce=0.5", *budget, "algo.pack_sequences=true")
     for k in ("loss/head_ce", "mtp/accept", "mtp/ce"):
         assert packed[k] == pytest.approx(ref[k], rel=1e-5), k
+
+
+def test_eval_acceptance_counts_only_real_rows_and_reaches_the_summary(tmp_path):
+    from mtp_occ.eval.policy import evaluate_policy, mtp_hits
+    from mtp_occ.eval.runner import flat_metrics
+    from mtp_occ.policy import build_policy
+
+    model, (batch, _) = _model(), _batch()
+    hits, total = mtp_hits(model, batch, 5, 3)  # rows 5..7 stand in for a rank's padding repeats
+    ref_hits, ref_total = mtp_hits(model, batch.select(torch.arange(5)), 5, 8)
+    assert (hits, total) == (ref_hits, ref_total) and total > 0
+    cfg = compose(["model.pretrain.steps=0", "eval.limit=4", "eval.k=2", "eval.max_new_tokens=6", "eval.n_boot=10",
+                   "regime=detach"])
+    model, tok, _ = build_policy(cfg.model, cfg.data, 0)
+    summary = evaluate_policy(cfg, model, tok, tmp_path / "eval", step=1)
+    assert 0.0 <= summary["extra"]["mtp_accept"] <= 1.0
+    assert flat_metrics(summary)["eval/mtp_accept"] == summary["extra"]["mtp_accept"]
+    off = evaluate_policy(compose([*["model.pretrain.steps=0", "eval.limit=4", "eval.k=2", "eval.max_new_tokens=6",
+                                     "eval.n_boot=10", "regime=detach"], "eval.mtp_accept=false"]),
+                          model, tok, tmp_path / "off", step=1)
+    assert "extra" not in off

@@ -188,6 +188,9 @@ class EvalConfig:
     grader: str = "math_verify"
     timeout_s: float = 2.0
     n_boot: int = 1000  # bootstrap resamples for the 95% CIs
+    # also score the MTP head on the evaluation samples: `eval/mtp_accept`, depth 1's argmax = the sampled token on
+    # response tokens (a CPU proxy of speculative acceptance; one no-grad forward over the samples)
+    mtp_accept: bool = True
 
     def __post_init__(self) -> None:
         require(self.k >= 1, "eval.k", f"must be >= 1, got {self.k}")

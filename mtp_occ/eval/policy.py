@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from mtp_occ.config import Config, DataConfig, EvalConfig, RolloutConfig
-from mtp_occ.dist import DistInfo, gather_lists
+from mtp_occ.dist import DistInfo, gather_lists, sum_floats
 from mtp_occ.eval.benchmarks import Benchmark, Problem, load_benchmark
 
 
@@ -53,6 +53,8 @@ def make_generate_fn(model, tokenizer, e: EvalConfig, rollout: RolloutConfig, se
     add_special = get_template(e.template).add_special_tokens(tokenizer)  # the rule training uses too
     sampling = SamplingSettings.for_eval(e, rollout)
 
+    hits_total = [0.0, 0.0]
+
     def generate_fn(prompts: list[str], n: int) -> list[list[str]]:
         per = -(-len(prompts) // d.world)
         mine = prompts[d.rank * per:(d.rank + 1) * per]
@@ -62,10 +64,40 @@ def make_generate_fn(model, tokenizer, e: EvalConfig, rollout: RolloutConfig, se
         batch = backend.generate(tokenizer, mine, n, sampling, seed=seed, add_special_tokens=add_special,
                                  row_keys=torch.arange(per * n) + d.rank * per * n, synced_gpus=synced_gpus)
         backend.release()
+        if e.mtp_accept:
+            hits, total = mtp_hits(model, batch, real * n, rollout.batch_size or len(batch))
+            hits_total[0], hits_total[1] = hits_total[0] + hits, hits_total[1] + total
         backend.metrics()  # drain the engine's counters: eval generation must not count in the next step's
         return gather_lists([batch.completions[i * n:(i + 1) * n] for i in range(real)])
 
+    def acceptance() -> dict[str, float]:
+        """`mtp_accept` over every rank's samples (collective: every rank calls it)."""
+        hits, total = sum_floats(hits_total)
+        return {"mtp_accept": hits / total} if e.mtp_accept and total > 0 else {}
+
+    generate_fn.acceptance = acceptance
     return generate_fn
+
+
+@torch.no_grad()
+def mtp_hits(model, batch, n_real: int, rows_per_forward: int) -> tuple[float, float]:
+    """(hits, response targets) of depth 1 over the first `n_real` rows of `batch`: its argmax equals the
+    sampled token. Every row is run (a rank's padding repeats included), so ranks stay in step under ZeRO-3."""
+    if model.depth == 0:
+        return 0.0, 0.0
+    was = model.training
+    model.eval()
+    hits = total = 0.0
+    for s in range(0, len(batch), rows_per_forward):
+        rows = torch.arange(s, min(s + rows_per_forward, len(batch)))
+        part = batch.select(rows)
+        out = model(part.input_ids_BT, part.attention_mask_BT, part.response_mask_BT)
+        keep_B = (rows < n_real).to(out.mtp_ce_mask_KBT.device)
+        mask_BT = out.mtp_ce_mask_KBT[0] & keep_B[:, None]
+        hits += float((out.mtp_hit_KBT[0] & mask_BT).sum())
+        total += float(mask_BT.sum())
+    model.train(was)
+    return hits, total
 
 
 def evaluate_policy(cfg: Config, model, tokenizer, out_dir: Path, step: int | None, d: DistInfo | None = None,
@@ -77,7 +109,7 @@ def evaluate_policy(cfg: Config, model, tokenizer, out_dir: Path, step: int | No
     seed = cfg.seed * 7919 + (step or 0)
     synced = cfg.deepspeed.enabled and cfg.deepspeed.stage == 3 and d.world > 1
     generate_fn = make_generate_fn(model, tokenizer, e, cfg.rollout, seed, d, backend, synced_gpus=synced)
-    return evaluate(generate_fn, build_benchmarks(e, cfg.data), k=e.k,
+    return evaluate(generate_fn, build_benchmarks(e, cfg.data), k=e.k, extra=generate_fn.acceptance,
                     template=e.template, tokenizer=tokenizer, temperature=e.temperature, top_p=e.top_p,
                     max_new_tokens=e.max_new_tokens, grader=e.grader, timeout_s=e.timeout_s, out_dir=out_dir,
                     step=step, seed=cfg.seed, n_boot=e.n_boot, limit=e.limit, is_main=d.is_main)

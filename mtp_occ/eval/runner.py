@@ -72,11 +72,12 @@ def _records(benchmarks: Sequence[Benchmark], prompts: list[str], completions: l
 def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[Benchmark], *, k: int, template: str, tokenizer,
              temperature: float, top_p: float, max_new_tokens: int, grader: str, timeout_s: float,
              out_dir: str | os.PathLike, step: int | None = None, seed: int = 0, n_boot: int = 1000,
-             limit: int | None = None, is_main: bool = True) -> dict:
+             limit: int | None = None, is_main: bool = True, extra: Callable[[], dict] | None = None) -> dict:
     """Sample, grade, score and save (see the module docstring); returns the summary dict.
     `limit` keeps the first N problems of each benchmark (and is recorded); `seed` seeds the bootstrap.
     With several ranks every rank calls this (generation may be collective); only `is_main` grades,
-    saves and gets the summary, the others return {}."""
+    saves and gets the summary, the others return {}. `extra()` (called on every rank after generation: it
+    may be collective) adds its dict to the summary as `extra`, e.g. the MTP head's acceptance."""
     from mtp_occ.rewards import grade  # the grading pool only when an eval actually runs
 
     if k < 1 or not benchmarks:
@@ -86,6 +87,7 @@ def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[Benchmark], *, k: int
     benchmarks = [Benchmark(b.name, b.problems[:limit] if limit else b.problems) for b in benchmarks]
     prompts = [format_prompt(p.problem, template, tokenizer) for b in benchmarks for p in b.problems]
     completions = _generate(generate_fn, prompts, k)
+    more = extra() if extra is not None else None
     if not is_main:
         return {}
     records = _records(benchmarks, prompts, completions)
@@ -101,6 +103,7 @@ def evaluate(generate_fn: GenerateFn, benchmarks: Sequence[Benchmark], *, k: int
                      "timeout_s": float(timeout_s), "seed": int(seed), "limit": limit},
         "benchmarks": per_bench,
         "average": average_over(per_bench),
+        **({"extra": more} if more else {}),
     }
     out = EvalDir(out_dir)
     out.root.mkdir(parents=True, exist_ok=True)
@@ -116,4 +119,5 @@ def flat_metrics(summary: dict) -> dict[str, float]:
     out = {f"eval/{name}/{s}": float(stats[s])
            for name, stats in summary["benchmarks"].items() for s in STATS}
     out.update({f"eval/average/{s}": float(summary["average"][s]) for s in STATS})
+    out.update({f"eval/{k}": float(v) for k, v in summary.get("extra", {}).items()})
     return out
