@@ -15,8 +15,8 @@ What it is
 
 How it departs from the references
     - math-verify's default `parse(completion)` (LatexExtractionConfig + ExprExtractionConfig) falls back to
-      the last number anywhere in the text (4.6% of truncated, box-less completions graded correct, see
-      TOOLCHAIN.md) and ExprExtractionConfig runs sympy's `parse_expr` (an eval) on model text. We extract
+      the last number anywhere in the text (so a truncated, box-less completion can be graded correct;
+      `tests/test_rewards.py` pins that we do not) and ExprExtractionConfig runs sympy's `parse_expr` (an eval) on model text. We extract
       the box ourselves and parse only `\\boxed{pred}` with `LatexExtractionConfig(boxed_match_priority=0)`;
       no box scores 0. Only the trusted gold also gets ExprExtractionConfig.
     - math-verify's own timeouts are whole-second `signal.alarm`s per call that add up (parse gold, parse
