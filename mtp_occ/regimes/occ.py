@@ -33,7 +33,6 @@ others). `occ_compat` reproduces the released code: unmasked mean of per-token r
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from enum import Enum
 from typing import ClassVar
@@ -42,7 +41,7 @@ import torch
 
 from mtp_occ.config import RegimeConfig, require
 from mtp_occ.regimes import MtpTerm, MtpTermInputs, mtp_ce, mtp_policy_loss, register
-from mtp_occ.rl.occ import POSITIONS, VALID, all_reduce_sum_, occ_ratio, occ_sums
+from mtp_occ.rl.occ import POSITIONS, VALID, all_reduce_sum_, occ_ratio, occ_sums, shape_lambda
 
 
 class LambdaPer(str, Enum):
@@ -137,14 +136,8 @@ class OccRegime:
                 ) -> tuple[float, dict[str, float]]:
         c = self.cfg
         ratio, c_hat, v2_hat = estimate
-        lam = c.lambda_plus * coef_scale * ratio
-        if not math.isfinite(lam):  # only reachable with inf/nan log-probs; the loop counts the fault
-            lam = 0.0
-        if c.clamp > 0:
-            lam = max(-c.clamp, min(c.clamp, lam))
-        if c.ema > 0:
-            lam = lam if self.ema_lambda is None else c.ema * self.ema_lambda + (1 - c.ema) * lam
-            self.ema_lambda = lam
+        lam, self.ema_lambda = shape_lambda(c.lambda_plus * coef_scale * ratio, clamp=c.clamp, ema=c.ema,
+                                            prev=self.ema_lambda)
         return lam, {"occ/lambda": lam, "occ/ratio": ratio, "occ/c_hat": c_hat, "occ/v2_hat": v2_hat,
                      "occ/valid_frac": valid_frac}
 

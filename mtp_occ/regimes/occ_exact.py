@@ -29,6 +29,7 @@ import torch
 
 from mtp_occ.config import RegimeConfig, require
 from mtp_occ.regimes import MtpTerm, MtpTermInputs, mtp_ce, mtp_policy_loss, register
+from mtp_occ.rl.occ import shape_lambda
 
 
 class CFrom(str, Enum):
@@ -126,16 +127,8 @@ class OccExactRegime:
 
     def _lambda(self, ratio: float) -> float:
         c = self.cfg
-        lam = c.lambda_plus * self.coef_scale * ratio
-        if not math.isfinite(lam):  # only reachable with inf/nan gradients; the loop counts the fault
-            lam = 0.0
-        if c.nonneg:
-            lam = max(lam, 0.0)
-        if c.clamp > 0:
-            lam = max(-c.clamp, min(c.clamp, lam))
-        if c.ema > 0:
-            lam = lam if self.ema_lambda is None else c.ema * self.ema_lambda + (1 - c.ema) * lam
-            self.ema_lambda = lam
+        lam, self.ema_lambda = shape_lambda(c.lambda_plus * self.coef_scale * ratio, clamp=c.clamp, ema=c.ema,
+                                            prev=self.ema_lambda, nonneg=c.nonneg)
         return lam
 
     def state_dict(self) -> dict:

@@ -30,6 +30,8 @@ uses one λ.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -69,6 +71,23 @@ def occ_sums(logprob_BT: torch.Tensor, mtp_logprob_BT: torch.Tensor, old_logprob
     return torch.stack([(d_rl_BT * d_mtp_BT).sum(), d_mtp_BT.square().sum(), per_tok_BT.sum(), m_BT.sum(),
                         torch.tensor(slice_pos, dtype=torch.float64), torch.tensor(float(m_BT.numel()),
                                                                                   dtype=torch.float64)])
+
+
+def shape_lambda(lam: float, *, clamp: float, ema: float, prev: float | None, nonneg: bool = False
+                 ) -> tuple[float, float | None]:
+    """(λ, the EMA's new state) from a raw λ: non-finite → 0 (only reachable with inf/nan inputs; the loop
+    counts the fault), then λ ≥ 0 if `nonneg`, |λ| ≤ `clamp` (0 = off), and λ ← ema·prev + (1−ema)·λ when
+    `ema` > 0 (the first λ starts the average)."""
+    if not math.isfinite(lam):
+        lam = 0.0
+    if nonneg:
+        lam = max(lam, 0.0)
+    if clamp > 0:
+        lam = max(-clamp, min(clamp, lam))
+    if ema > 0:
+        lam = lam if prev is None else ema * prev + (1 - ema) * lam
+        prev = lam
+    return lam, prev
 
 
 def occ_ratio(sums: torch.Tensor, estimator: str = "ratio_of_sums", masked: bool = True, eps: float = 1e-8
