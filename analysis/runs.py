@@ -24,7 +24,7 @@ inside a run dir: the wandb group). `status` is run.json's status, or the wandb 
 failed, crashed, running) for wandb sources. Eval lines may share a step with training lines; a metric
 logged twice at one step keeps its last value. Also here, shared by tables, figures and reports: the
 paper's orders (`sort_regimes`, `sort_benchmarks`), `config_key_columns` (what tells runs of one regime
-apart: its coefficient, from the regime's own `coef_keys`, and the schedule) and `main_config_runs`, each
+apart: its coefficient, from the regime's own `coef_keys`, the schedule and `head_ce`) and `main_config_runs`, each
 regime's main configuration. Importing this never imports torch; wandb only inside the functions that
 need it, and torch only when `config_key_columns` asks `mtp_occ.regimes` for a regime's coefficient.
 """
@@ -48,7 +48,7 @@ from mtp_occ.rundir import EVAL_DIR, METRICS_FILE, SUMMARY_FILE, WANDB_DIR, RunD
 
 COEF_COLUMNS = ["lam", "lambda_plus"]  # the regimes' coefficient keys (regime.lam, regime.lambda_plus)
 COEF_LABELS = {"lam": "λ", "lambda_plus": "λ₊"}
-CONFIG_COLUMNS = ["sweep", "regime", "coef_schedule", "seed", "model", *COEF_COLUMNS, "status"]
+CONFIG_COLUMNS = ["sweep", "regime", "coef_schedule", "seed", "model", *COEF_COLUMNS, "head_ce", "status"]
 METRIC_COLUMNS = ["run", "step", "metric", "value"]
 EVAL_COLUMNS = ["run", "step", "benchmark", "stat", "value"]
 _EVAL_METRIC = re.compile(r"^eval/(?P<benchmark>[^/]+)/(?P<stat>[^/]+)$")
@@ -85,6 +85,7 @@ def config_columns(config: dict[str, Any]) -> dict[str, Any]:
         "model": (config.get("model") or {}).get("name"),
         "lam": regime.get("lam"),
         "lambda_plus": _find_key(regime, "lambda_plus"),
+        "head_ce": float(regime.get("head_ce") or 0.0),  # runs from before `regime.head_ce` had none
     }
 
 
@@ -99,9 +100,9 @@ def coefficient_columns(regime: Any) -> list[str]:
 
 
 def config_key_columns(regime: Any) -> list[str]:
-    """The columns that tell runs of `regime` apart: its coefficient, then `coef_schedule`. A key the
-    regime ignores (occ's `lam`) splits nothing."""
-    return [*coefficient_columns(regime), "coef_schedule"]
+    """The columns that tell runs of `regime` apart: its coefficient, `coef_schedule`, then `head_ce` (the
+    MTP head's own CE weight, a knob of every regime). A key the regime ignores (occ's `lam`) splits nothing."""
+    return [*coefficient_columns(regime), "coef_schedule", "head_ce"]
 
 
 def _find_key(tree: Any, key: str) -> Any:
@@ -129,7 +130,7 @@ def _concat(frames: list[pd.DataFrame], columns: list[str]) -> pd.DataFrame:
     out = pd.concat(frames, ignore_index=True)
     out["value"] = out["value"].astype(float)
     out["seed"] = pd.to_numeric(out["seed"]).astype("Int64")
-    out[COEF_COLUMNS] = out[COEF_COLUMNS].apply(pd.to_numeric).astype(float)
+    out[[*COEF_COLUMNS, "head_ce"]] = out[[*COEF_COLUMNS, "head_ce"]].apply(pd.to_numeric).astype(float)
     return out.sort_values(["run", "step"] if "metric" not in out else ["run", "metric", "step"],
                            kind="stable", ignore_index=True)
 

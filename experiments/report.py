@@ -43,19 +43,25 @@ from mtp_occ.rundir import RunDir
 Runs = dict[tuple[str, int], tuple[Path, dict]]  # (row label, seed) -> (run dir, run_info)
 
 
-def _label(info: dict, varies: bool) -> str:
-    """A run's row name: its regime, plus its coefficient (the keys the regime declares: λ, λ₊) and
-    schedule when the regime was run in several configurations."""
-    if not varies:
-        return info["regime"]
-    coef = [f"{COEF_LABELS[k]}={info[k]:g}" for k in coefficient_columns(info["regime"])]
-    return " ".join([info["regime"], *coef, f"({info['coef_schedule']})"])
+def _label(info: dict, varying: set[str]) -> str:
+    """A run's row name: its regime, plus whichever of its configuration keys (`config_key_columns`: the
+    coefficient the regime declares, the schedule, `head_ce`) take several values among that regime's runs;
+    a zero `head_ce` is left out, so the plain configuration keeps the regime's own name."""
+    parts = [info["regime"]]
+    parts += [f"{COEF_LABELS[k]}={info[k]:g}" for k in coefficient_columns(info["regime"]) if k in varying]
+    if "coef_schedule" in varying:
+        parts.append(f"({info['coef_schedule']})")
+    if "head_ce" in varying and info["head_ce"]:
+        parts.append(f"+head_ce={info['head_ce']:g}")
+    return " ".join(parts)
 
 
-def collect(root: Path, reference: list[tuple[Path, set[str]]]) -> Runs:
-    """{(row label, seed): (run dir, run_info)} for the experiment's runs and the reference runs; run
-    names shared by two sweeps are qualified (`<sweep>/<name>`) so that the frames keep them apart."""
+def collect(root: Path, reference: list[tuple[Path, set[str]]], seeds: set[int] | None = None) -> Runs:
+    """{(row label, seed): (run dir, run_info)} for the experiment's runs (only `seeds`, when given) and the
+    reference runs; run names shared by two sweeps are qualified (`<sweep>/<name>`) so that the frames keep
+    them apart."""
     runs = [(d, run_info(d)) for d in find_run_dirs(root)]
+    runs = [(d, info) for d, info in runs if seeds is None or info["seed"] in seeds]
     seeds = {info["seed"] for _, info in runs}
     for ref_root, regimes in reference:
         runs += [(d, info) for d in find_run_dirs(ref_root)
@@ -65,12 +71,14 @@ def collect(root: Path, reference: list[tuple[Path, set[str]]]) -> Runs:
         print(f"leaving out {d}: not finished (run.json status)")
     runs = [(d, info) for d, info in runs if info["status"] == "finished"]
     qualify_shared_names([info for _, info in runs])
-    configs = defaultdict(set)
+    values = defaultdict(lambda: defaultdict(set))  # regime -> config key -> the values its runs take
     for _, info in runs:
-        configs[info["regime"]].add(tuple(info[k] for k in config_key_columns(info["regime"])))
+        for k in config_key_columns(info["regime"]):
+            values[info["regime"]][k].add(info[k])
+    varying = {regime: {k for k, v in by_key.items() if len(v) > 1} for regime, by_key in values.items()}
     out = {}
     for d, info in runs:
-        key = (_label(info, len(configs[info["regime"]]) > 1), info["seed"])
+        key = (_label(info, varying[info["regime"]]), info["seed"])
         if key in out:
             raise SystemExit(f"two runs for {key}: {out[key][0]} and {d}; pass fewer roots")
         out[key] = (d, info)
@@ -101,34 +109,61 @@ def _final_avg(evals: pd.DataFrame, run: str) -> float | None:
     return float(rows["value"].iloc[0]) if len(rows) else None
 
 
-def paired(runs: Runs, against: str) -> list[str]:
+def paired(runs: Runs, against: str, per_seed: bool = True) -> list[str]:
+    """The per-problem paired test of every run against `against` with the same seed (`compare_runs`), one row
+    per (configuration, seed) unless `per_seed` is off, then the test pooled over seeds (`pooled`)."""
     rows = []
     for (label, seed), (d, _) in sorted(runs.items(), key=lambda kv: (kv[0][0], kv[0][1])):
         ref = runs.get((against, seed))
-        if label == against or ref is None:
+        if label == against or ref is None or not per_seed:
             continue
         r = compare_runs(d, ref[0])["average"]
         rows.append(f"| {label} | {seed} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['diff']:+.1f} | "
                     f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {r['p_value']:.3f} |")
-    if not rows:
-        return []
-    return [f"## Paired test against {against} (per seed; B − A with A = the run, B = {against})", "",
+    head = [f"## Paired test against {against} (per seed; B − A with A = the run, B = {against})", "",
             f"| run | seed | run avg | {against} avg | {against} − run | 95% CI | p |",
-            "|---|---:|---:|---:|---:|---|---:|", *rows, "", *pooled(runs, against)]
+            "|---|---:|---:|---:|---:|---|---:|", *rows, ""] if rows else [f"## Paired test against {against}", ""]
+    return [*head, *pooled(runs, against)] if rows or not per_seed else []
 
 
 def pooled(runs: Runs, against: str, n_boot: int = 2000) -> list[str]:
-    """Per problem, the difference to `against` averaged over the seeds both have; bootstrap over problems.
-    Every seed is evaluated on the same held-out problems, so this is the seed-averaged effect with its
-    evaluation uncertainty (seed-to-seed training variance is what the per-seed rows show). The test is
-    `paired_bootstrap` of those differences against zero, one random stream across the rows."""
+    """Every configuration against `against`, pooled over seeds (`_pooled_rows`)."""
+    pairs = [(label, against) for label in sorted({k[0] for k in runs} - {against})]
+    rows = _pooled_rows(runs, pairs, n_boot)
+    if not rows:
+        return []
+    return [f"Pooled over seeds ({against} − run, per-problem differences averaged over seeds, bootstrap over "
+            f"problems; last column: seeds in which {against} is ahead):", "",
+            f"| run | seeds | problems | {against} − run | 95% CI | p | {against} ahead |",
+            "|---|---:|---:|---:|---|---:|---:|", *rows, ""]
+
+
+def head_ce_effect(runs: Runs, n_boot: int = 2000) -> list[str]:
+    """Each configuration with `head_ce` against the same configuration without it, pooled over seeds."""
+    labels = {k[0] for k in runs}
+    pairs = [(base, label) for label in sorted(labels) if " +head_ce=" in label
+             and (base := label.split(" +head_ce=")[0]) in labels]
+    rows = _pooled_rows(runs, pairs, n_boot)
+    if not rows:
+        return []
+    return ["## The MTP head's own CE (`regime.head_ce`): with − without, pooled over seeds", "",
+            "| without | seeds | problems | with − without | 95% CI | p | with ahead |",
+            "|---|---:|---:|---:|---|---:|---:|", *rows, ""]
+
+
+def _pooled_rows(runs: Runs, pairs: list[tuple[str, str]], n_boot: int) -> list[str]:
+    """One row per (label, against): per problem, against's score minus label's averaged over the seeds both
+    have; bootstrap over problems. Every seed is evaluated on the same held-out problems, so this is the
+    seed-averaged effect with its evaluation uncertainty (seed-to-seed training variance is what the
+    per-seed rows show). The test is `paired_bootstrap` of those differences against zero, one random
+    stream across the rows; the last cell counts the seeds in which `against` is ahead."""
     import numpy as np
 
     from mtp_occ.eval.compare import load_problem_scores
     from mtp_occ.eval.metrics import paired_bootstrap
 
     rows, rng = [], np.random.default_rng(0)
-    for label in sorted({k[0] for k in runs} - {against}):
+    for label, against in pairs:
         seeds = sorted(s for (lab, s) in runs if lab == label and (against, s) in runs)
         if len(seeds) < 2:
             continue
@@ -147,12 +182,7 @@ def pooled(runs: Runs, against: str, n_boot: int = 2000) -> list[str]:
         rows.append(f"| {label} | {len(seeds)} | {len(keys)} | {100 * diff:+.2f} | "
                     f"[{100 * lo:+.2f}, {100 * hi:+.2f}] | {f'{p:.3f}' if p >= 1e-3 else f'< {1e-3:g}'} | "
                     f"{same_sign}/{len(seeds)} |")
-    if not rows:
-        return []
-    return [f"Pooled over seeds ({against} − run, per-problem differences averaged over seeds, bootstrap over "
-            f"problems; last column: seeds in which {against} is ahead):", "",
-            f"| run | seeds | problems | {against} − run | 95% CI | p | {against} ahead |",
-            "|---|---:|---:|---:|---|---:|---:|", *rows, ""]
+    return rows
 
 
 def per_label_means(runs: Runs, evals: pd.DataFrame) -> list[str]:
@@ -232,26 +262,167 @@ def fig_lambda_sweep(runs: Runs, evals: pd.DataFrame, out: Path) -> Path | None:
 
 
 def diagnostics(runs: Runs, metrics: pd.DataFrame) -> list[str]:
-    """Exact c, v² (first vs second half of training) and how the proxy ĉ, v̂² tracks them."""
+    """Exact c, v² (first vs second half of training) and how the proxy ĉ, v̂² tracks them; where the runs
+    logged it, also the cross-mini-batch c (`diag/c_cross` = ⟨g_RL of the previous update, g_MTP⟩, the
+    population quantity the one-step gain needs; within one mini-batch c also holds the two gradients'
+    sampling covariance) and how ĉ tracks that."""
     import numpy as np
 
-    rows = []
+    def r(x: np.ndarray, y: np.ndarray) -> str:
+        return f"{np.corrcoef(x, y)[0, 1]:.2f}" if len(x) > 2 and x.std() > 0 and y.std() > 0 else "–"
+
+    rows, cross_rows = [], []
     for (label, seed), (_, info) in sorted(runs.items()):
         diag = {m: _by_step(metrics, info["run"], m)
-                for m in ("diag/c", "diag/v2", "diag/c_hat", "diag/v2_hat")}
-        steps = list(diag["diag/c"])  # the steps that ran the exact diagnostics
+                for m in ("diag/c", "diag/v2", "diag/c_hat", "diag/v2_hat", "diag/c_cross")}
+        steps = [s for s in diag["diag/c"] if s in diag["diag/c_hat"]]  # the steps that ran the exact diagnostics
         if len(steps) < 4:
             continue
-        c, v2, c_hat, v2_hat = (np.array([diag[m][s] for s in steps]) for m in diag)
+        c, v2, c_hat, v2_hat = (np.array([diag[m][s] for s in steps]) for m in list(diag)[:4])
         h = len(steps) // 2
         rows.append(f"| {label} | {seed} | {len(steps)} | {c[:h].mean():.3g} → {c[h:].mean():.3g} | "
-                    f"{v2[:h].mean():.3g} → {v2[h:].mean():.3g} | {np.corrcoef(c, c_hat)[0, 1]:.2f} | "
-                    f"{(np.sign(c) == np.sign(c_hat)).mean():.2f} | {np.corrcoef(v2, v2_hat)[0, 1]:.2f} |")
+                    f"{v2[:h].mean():.3g} → {v2[h:].mean():.3g} | {r(c, c_hat)} | "
+                    f"{(np.sign(c) == np.sign(c_hat)).mean():.2f} | {r(v2, v2_hat)} |")
+        cross_steps = [s for s in steps if s in diag["diag/c_cross"]]
+        if len(cross_steps) >= 4:
+            x = np.array([diag["diag/c_cross"][s] for s in cross_steps])
+            xc, xh = (np.array([diag[m][s] for s in cross_steps]) for m in ("diag/c", "diag/c_hat"))
+            k = len(cross_steps) // 2
+            cross_rows.append(f"| {label} | {seed} | {len(cross_steps)} | {x[:k].mean():.3g} → {x[k:].mean():.3g} | "
+                              f"{r(x, xc)} | {r(x, xh)} | {(np.sign(x) == np.sign(xh)).mean():.2f} |")
     if not rows:
         return []
-    return ["", "## Exact decomposition vs the OCC proxy", "",
-            "| run | seed | diag steps | c (1st half → 2nd half) | v² (1st → 2nd half) | r(c, ĉ) | sign agreement | r(v², v̂²) |",
-            "|---|---:|---:|---|---|---:|---:|---:|", *rows]
+    lines = ["", "## Exact decomposition vs the OCC proxy", "",
+             "| run | seed | diag steps | c (1st half → 2nd half) | v² (1st → 2nd half) | r(c, ĉ) | sign agreement | r(v², v̂²) |",
+             "|---|---:|---:|---|---|---:|---:|---:|", *rows]
+    if cross_rows:
+        lines += ["", "Population c (`diag/c_cross`: this update's g_MTP against the previous update's g_RL, "
+                  "another mini-batch of the same policy):", "",
+                  "| run | seed | steps | c_cross (1st half → 2nd half) | r(c_cross, c) | r(c_cross, ĉ) | sign agreement with ĉ |",
+                  "|---|---:|---:|---|---:|---:|---:|", *cross_rows]
+    return lines
+
+
+def _windows(steps: list[int], n: int = 3, width: float = 0.1) -> list[tuple[int, int]]:
+    """`n` windows of `width`·len(steps) steps: the start, the middle and the end of training."""
+    last, w = max(steps), max(1, round(width * len(steps)))
+    starts = [1 + round(i * (last - w) / (n - 1)) for i in range(n)]
+    return [(a, a + w - 1) for a in starts]
+
+
+def lambda_trajectories(runs: Runs, metrics: pd.DataFrame) -> list[str]:
+    """λ at the start, middle and end of training per configuration whose λ moves (the calibrated regimes):
+    the mean over seeds of each window's mean of `mtp/lambda` (a step's value is the mean over its updates),
+    and the share of steps with λ < 0."""
+    import numpy as np
+
+    from mtp_occ.regimes import is_calibrated
+
+    by = defaultdict(list)
+    for (label, _), (_, info) in sorted(runs.items()):
+        if is_calibrated(info["regime"]) and (lam := _by_step(metrics, info["run"], "mtp/lambda")):
+            by[label].append(lam)
+    if not by:
+        return []
+    windows = _windows(sorted(next(iter(by.values()))[0]))
+    head = " | ".join(f"steps {a}–{b}" for a, b in windows)
+    lines = ["## λ over training (calibrated configurations; mean over seeds)", "",
+             f"| run | {head} | steps with λ < 0 |", "|---|" + "---:|" * (len(windows) + 1)]
+    for label, per_seed in by.items():
+        cells = [np.mean([np.mean([v for s, v in lam.items() if a <= s <= b]) for lam in per_seed])
+                 for a, b in windows]
+        negative = np.mean([np.mean([v < 0 for v in lam.values()]) for lam in per_seed])
+        lines.append(f"| {label} | " + " | ".join(f"{c:.3g}" for c in cells) + f" | {100 * negative:.0f}% |")
+    return [*lines, "", "Figure: `fig_lambda_trajectories.png` (λ per step, mean over seeds, symmetric-log axis).", ""]
+
+
+def fig_lambda_trajectories(runs: Runs, metrics: pd.DataFrame, out: Path, smooth: int = 5) -> Path | None:
+    """λ per step of every calibrated configuration (mean over seeds, a `smooth`-step running mean), on a
+    symmetric-log axis so that λ ≈ 1e-5 and λ ≈ 0.05 are both readable; fixed-λ configurations as dashed lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mtp_occ.regimes import is_calibrated
+
+    curves, fixed = defaultdict(list), {}
+    for (label, _), (_, info) in sorted(runs.items()):
+        lam = pd.Series(_by_step(metrics, info["run"], "mtp/lambda"), dtype=float)
+        if len(lam) and is_calibrated(info["regime"]):
+            curves[label].append(lam)
+        elif len(lam) and info["regime"] == "policy":
+            fixed[label] = float(lam.mean())
+    if not curves:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, per_seed in curves.items():
+        mean = pd.concat(per_seed, axis=1).mean(axis=1).rolling(smooth, min_periods=1).mean()
+        ax.plot(mean.index, mean.to_numpy(), label=label, linewidth=1.2)
+    for label, lam in fixed.items():
+        ax.axhline(lam, linestyle="--", color="gray", linewidth=0.9)
+        ax.annotate(f"{label} (fixed)", (0.01, lam), xycoords=("axes fraction", "data"), fontsize=7, color="gray")
+    ax.set_yscale("symlog", linthresh=1e-5)
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_xlabel("RL step")
+    ax.set_ylabel("λ (mtp/lambda)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path = out / "fig_lambda_trajectories.png"
+    fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return path
+
+
+def mtp_head(runs: Runs, metrics: pd.DataFrame, first: int = 20, last: int = 20) -> list[str]:
+    """The drafter before and after RL, per configuration (mean over seeds): the MTP head's token CE on the
+    rollouts (`mtp/ce`) and its acceptance proxy (`mtp/accept`: argmax = the sampled token) over the first
+    and the last steps, and the acceptance proxy on the held-out samples of the final evaluation
+    (eval/summary.json's `extra.mtp_accept`)."""
+    import numpy as np
+
+    by = defaultdict(lambda: defaultdict(list))
+    for (label, _), (d, info) in sorted(runs.items()):
+        for metric in ("mtp/ce", "mtp/accept"):
+            series = _series(metrics, info["run"], metric)
+            if series:
+                by[label][f"{metric} first"].append(np.mean(series[:first]))
+                by[label][f"{metric} last"].append(np.mean(series[-last:]))
+        summary = RunDir(d).eval.summary
+        if summary.exists() and (acc := json.loads(summary.read_text()).get("extra", {}).get("mtp_accept")) is not None:
+            by[label]["held-out"].append(acc)
+    if not any("mtp/ce first" in v for v in by.values()):
+        return []
+
+    def cell(v: dict, key: str, fmt: str) -> str:
+        return format(np.mean(v[key]), fmt) if v.get(key) else "–"
+
+    lines = [f"## The MTP head after RL (mean over seeds; training columns: first {first} → last {last} steps)", "",
+             "| run | mtp/ce (rollouts) | mtp/accept (rollouts) | mtp/accept (held-out, final) |",
+             "|---|---|---|---:|"]
+    for label, v in sorted(by.items()):
+        lines.append(f"| {label} | {cell(v, 'mtp/ce first', '.4f')} → {cell(v, 'mtp/ce last', '.4f')} | "
+                     f"{cell(v, 'mtp/accept first', '.4f')} → {cell(v, 'mtp/accept last', '.4f')} | "
+                     f"{cell(v, 'held-out', '.4f')} |")
+    return [*lines, ""]
+
+
+def cost_per_label(runs: Runs, metrics: pd.DataFrame) -> list[str]:
+    """Mean `time/step_s` per configuration (mean ± 95% t-interval over seeds) and its ratio to detach's:
+    the regime table (`cost.md`) pools configurations of one regime."""
+    from analysis.tables import mean_ci
+
+    by = defaultdict(list)
+    for (label, _), (_, info) in sorted(runs.items()):
+        if times := _series(metrics, info["run"], "time/step_s"):
+            by[label].append(sum(times) / len(times))
+    ref = sum(by["detach"]) / len(by["detach"]) if by.get("detach") else float("nan")
+    lines = ["| run | s/step | ÷ detach |", "|---|---:|---:|"]
+    for label, v in sorted(by.items()):
+        mean, ci = mean_ci(v)
+        lines.append(f"| {label} | {mean:.3f} ± {ci:.3f} | {mean / ref:.2f} |")
+    return lines
 
 
 def generated_block(report_md: str) -> str:
@@ -277,10 +448,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reference", action="append", default=[], metavar="ROOT:REGIMES",
                         help="runs of these regimes (comma-separated) from another sweep, same seeds only")
     parser.add_argument("--against", default="detach", help="the row label paired tests compare with")
+    parser.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                        help="only these seeds of the experiment (e.g. the seeds every configuration has finished)")
+    parser.add_argument("--pooled-only", action="store_true",
+                        help="paired tests pooled over seeds only (no per-seed rows: for many seeds × configurations)")
     parser.add_argument("--readme", type=Path, help="also splice the report into this file (experiments/README.md)")
     args = parser.parse_args(argv)
     reference = [(Path(r.split(":")[0]), set(r.split(":")[1].split(","))) for r in args.reference]
-    runs = collect(args.root, reference)
+    runs = collect(args.root, reference, set(args.seeds) if args.seeds else None)
     metrics, evals = _frames(runs)
     write_tables(metrics, evals, args.out)
     write_figures(metrics, args.out)
@@ -291,7 +466,8 @@ def main(argv: list[str] | None = None) -> None:
              "## Training reward", "", *final_reward(runs, metrics), "",
              "Same seed = same prompts and sampling noise in every configuration, so these differ only through "
              "the policy.", ""]
-    if evals["regime"].eq("policy").any() and len({k[0] for k in runs if k[0].startswith("policy")}) > 1:
+    policy_configs = {(info["lam"], info["coef_schedule"]) for _, info in runs.values() if info["regime"] == "policy"}
+    if len(policy_configs) > 1:
         lines += ["## Table 2 (fixed λ vs OCC)", "", (args.out / "table2.md").read_text(), ""]
         if fig_lambda_sweep(runs, evals, args.out) is not None:
             lines += ["Figure: `fig_lambda_sweep.png` (held-out accuracy against λ, OCC as a band).", ""]
@@ -302,16 +478,20 @@ def main(argv: list[str] | None = None) -> None:
         b = json.loads(base.read_text())["average"]
         lines += [f"Base model (before RL, shared by every run): avg {100 * b['avg']:.1f}, pass {100 * b['pass']:.1f}, "
                   f"maj {100 * b['maj']:.1f}.", ""]
-    lines += paired(runs, args.against)
+    lines += paired(runs, args.against, per_seed=not args.pooled_only)
+    lines += head_ce_effect(runs)
     lam = defaultdict(list)
     for (label, _), (_, info) in runs.items():
         lam[label] += _series(metrics, info["run"], "mtp/lambda")
     lines += ["## λ per run configuration (mean over steps of the per-step mean over updates)", "",
               "| run | mean λ | min | max |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {sum(v) / len(v):.3g} | {min(v):.3g} | {max(v):.3g} |" for k, v in sorted(lam.items()) if v]
+    lines += ["", *lambda_trajectories(runs, metrics)] if fig_lambda_trajectories(runs, metrics, args.out) else []
+    lines += mtp_head(runs, metrics)
     lines += diagnostics(runs, metrics)
     wall = [sum(_series(metrics, info["run"], "time/step_s")) / 60 for _, info in runs.values()]
-    lines += ["", "## Cost", "", (args.out / "cost.md").read_text(), "",
+    by_label = len({k[0] for k in runs}) > len({info["regime"] for _, info in runs.values()})
+    lines += ["", "## Cost", "", *(cost_per_label(runs, metrics) if by_label else [(args.out / "cost.md").read_text()]), "",
               f"RL time per run (sum of step times): {min(wall):.1f}–{max(wall):.1f} min on 2 CPU cores; "
               "figures: `fig_*.png` here."]
     (args.out / "report.md").write_text("\n".join(lines) + "\n")

@@ -7,6 +7,10 @@
                                 eval/summary.json, eval/samples.jsonl}     4 regimes x 2 seeds
     root/ablation/policy_lam<λ>_<schedule>_s0/...                          Table 2's extra policy runs
 
+`write_calibration_sweep(root)` lays out an e04-like sweep: {detach, occ} × head_ce {0, 0.1} × 2 seeds,
+with `mtp/lambda`, `mtp/accept`, the exact diagnostics at every step of the occ runs (`diag/c_cross`
+included) and the held-out acceptance proxy (`extra.mtp_accept`).
+
 Every number is a closed form of (regime, seed, step, benchmark) below, so a test can compute what a
 table or figure must show by hand. Runs named in `wandb_runs` also log a real wandb offline run (the
 caller sets WANDB_DIR etc.; by default the files land in `<run_dir>/wandb/`).
@@ -67,11 +71,38 @@ def write_sweep(root: Path, wandb_runs: tuple[str, ...] = ()) -> list[Path]:
     return dirs
 
 
+CALIBRATION_REGIMES = ("detach", "occ")
+HEAD_CE = (0.0, 0.1)
+
+
+def mtp_accept(head_ce: float, step: int) -> float:
+    """Training `mtp/accept` of a calibration-sweep run; the held-out value is `HELD_OUT_ACCEPT + head_ce`."""
+    return 0.5 + head_ce + 0.001 * step
+
+
+HELD_OUT_ACCEPT = 0.6
+
+
+def write_calibration_sweep(root: Path) -> list[Path]:
+    """Write the e04-like sweep under `root/calibration`; returns the run dirs."""
+    sweep = root / "calibration"
+    sweep.mkdir(parents=True, exist_ok=True)
+    return [write_run(sweep, r, s, lam=0.1, schedule="constant", base=BASE[r], head_ce=h)
+            for r in CALIBRATION_REGIMES for h in HEAD_CE for s in SEEDS]
+
+
 def write_run(sweep_dir: Path, regime: str, seed: int, *, lam: float, schedule: str, base: float,
-              wandb_runs: tuple[str, ...] = ()) -> Path:
-    name = f"{regime}_s{seed}" if sweep_dir.name == "main" else f"{regime}_lam{lam}_{schedule}_s{seed}"
+              wandb_runs: tuple[str, ...] = (), head_ce: float | None = None) -> Path:
+    """One run dir; `head_ce` (not None: a calibration-sweep run) adds `regime.head_ce`, the MTP head's
+    acceptance metrics and exact diagnostics at every occ step."""
+    if head_ce is not None:
+        name = f"{regime}_h{head_ce:g}_s{seed}"
+    else:
+        name = f"{regime}_s{seed}" if sweep_dir.name == "main" else f"{regime}_lam{lam}_{schedule}_s{seed}"
     run_dir = sweep_dir / name
     config = _config(name, sweep_dir, regime, seed, lam, schedule)
+    if head_ce is not None:
+        config["regime"]["head_ce"] = head_ce
     run_dir.mkdir(parents=True, exist_ok=True)
     RunDir(run_dir).config.write_text(yaml.safe_dump(config, sort_keys=False))
     RunDir(run_dir).overrides.write_text(f"regime={regime}\nseed={seed}\nregime.lam={lam}\n")
@@ -80,9 +111,15 @@ def write_run(sweep_dir: Path, regime: str, seed: int, *, lam: float, schedule: 
     mode = "offline" if name in wandb_runs else "disabled"
     logger = RunLogger(run_dir, config=config, name=name, mode=mode, group=sweep_dir.name)
     for step in range(1, STEPS + 1):
-        logger.log(_step_metrics(regime, seed, step), step=step)
+        metrics = _step_metrics(regime, seed, step, every_step_diag=head_ce is not None)
+        if head_ce is not None:
+            metrics |= {"mtp/accept": mtp_accept(head_ce, step),
+                        "mtp/lambda": metrics.get("occ/lambda", lam)}
+        logger.log(metrics, step=step)
         if step in EVAL_STEPS:
             summary = _summary(base - 0.05 * (step != STEPS), seed, step)
+            if head_ce is not None:
+                summary["extra"] = {"mtp_accept": HELD_OUT_ACCEPT + head_ce}
             samples = _write_eval(run_dir, summary, final=step == STEPS)
             logger.log(flat_metrics(summary), step=step, samples_path=samples)  # a line of its own, same step
     logger.finish("finished")
@@ -101,13 +138,21 @@ def _config(name: str, sweep_dir: Path, regime: str, seed: int, lam: float, sche
             "algo": {"name": "tiny"}, "diagnostics": {"every": 5 if regime == "occ" else 0}}
 
 
-def _step_metrics(regime: str, seed: int, step: int) -> dict[str, float]:
-    diag = regime == "occ" and step in DIAG_STEPS
+def _step_metrics(regime: str, seed: int, step: int, every_step_diag: bool = False) -> dict[str, float]:
+    diag = regime == "occ" and (every_step_diag or step in DIAG_STEPS)
     out = {"reward/mean": reward(regime, seed, step), "loss/pg": 0.01 * step, "loss/mtp": 1.0 / step,
            "mtp/ce": 2.0 / step, "mtp/clipfrac": 0.01,
            "time/step_s": DIAG_TIME if diag else STEP_TIME[regime], "time/rollout_s": 5.0,
            "time/update_s": 3.0}
-    return out | (occ_metrics(seed, step, diag) if regime == "occ" else {})
+    out |= occ_metrics(seed, step, diag) if regime == "occ" else {}
+    if every_step_diag and diag and step > 1:  # the previous update's g_RL: none at the first step
+        out["diag/c_cross"] = c_cross(seed, step)
+    return out
+
+
+def c_cross(seed: int, step: int) -> float:
+    """`diag/c_cross` of a calibration-sweep occ run: −(the proxy ĉ), so r(c_cross, ĉ) = −1, no sign agreement."""
+    return -occ_metrics(seed, step, False)["occ/c_hat"]
 
 
 def _summary(base: float, seed: int, step: int) -> dict:

@@ -53,7 +53,7 @@ def test_run_dirs_load_to_one_long_frame(metrics):
     assert list(metrics.columns) == ["run", "step", "metric", "value"] + CONFIG_COLUMNS
     assert metrics["run"].nunique() == 10
     runs = metrics.drop_duplicates("run").set_index("run")
-    expected = ["main", "occ", "constant", 1, "tiny", 0.1, 1.0, "finished"]
+    expected = ["main", "occ", "constant", 1, "tiny", 0.1, 1.0, 0.0, "finished"]
     assert runs.loc["occ_s1", CONFIG_COLUMNS].tolist() == expected
     assert math.isnan(runs.loc["detach_s0", "lambda_plus"])
     assert runs.loc["policy_lam0.3_constant_s0", "sweep"] == "ablation"

@@ -102,3 +102,33 @@ def test_readme_shows_each_experiments_figures_inline():
         assert any(f"out/{exp}/fig_" in path for path in images), f"no inline figure for {exp}"
     for path in images:
         assert (REPO / "experiments" / path).is_file(), path
+
+
+def test_report_of_a_calibration_sweep(tmp_path):
+    """e04's report: head_ce splits a regime's rows, its effect is tested with vs without, λ's trajectory, the
+    MTP head before/after RL, the population c and the cost per configuration, all from the fixture's closed forms."""
+    import numpy as np
+    from fixtures_runs import HELD_OUT_ACCEPT, SEEDS, STEPS, mtp_accept, occ_metrics, write_calibration_sweep
+
+    write_calibration_sweep(tmp_path / "runs")
+    text = _report(tmp_path / "runs" / "calibration", tmp_path / "e04", "--pooled-only", "--seeds", "0", "1", "7")
+    assert "8 runs from" in text and "## Table 1 (regimes)" in text  # no Table 2: policy is absent
+    assert "| detach | 0 |" not in text and "| occ | 2 | " in text  # pooled rows only
+    assert "| occ +head_ce=0.1 | 2 | " in text  # against detach (head_ce 0)
+    effect = text.split("## The MTP head's own CE")[1].split("##")[0]
+    assert "| detach | 2 | " in effect and "| occ | 2 | " in effect
+    # λ at the start, middle and end (10 steps: windows of one step at 1, 5, 10), mean over seeds
+    lam = {s: np.mean([occ_metrics(seed, s, False)["occ/lambda"] for seed in SEEDS]) for s in (1, 5, STEPS)}
+    assert "| run | steps 1–1 | steps 5–5 | steps 10–10 | steps with λ < 0 |" in text
+    assert f"| occ | {lam[1]:.3g} | {lam[5]:.3g} | {lam[STEPS]:.3g} | 0% |" in text
+    assert "| detach | " not in text.split("## λ over training")[1].split("##")[0]  # fixed λ: not a trajectory
+    assert (tmp_path / "e04" / "fig_lambda_trajectories.png").exists()
+    ce = np.mean([2.0 / s for s in range(1, STEPS + 1)])
+    accept = np.mean([mtp_accept(0.1, s) for s in range(1, STEPS + 1)])
+    assert (f"| detach +head_ce=0.1 | {ce:.4f} → {ce:.4f} | {accept:.4f} → {accept:.4f} | "
+            f"{HELD_OUT_ACCEPT + 0.1:.4f} |") in text
+    population = text.split("Population c")[1]
+    assert "| occ | 0 | 9 | " in population and "| -1.00 | 0.00 |" in population  # c_cross = −ĉ from step 2
+    assert "| occ +head_ce=0.1 | 45.000 ± 0.000 | 5.62 |" in text and "| detach | 8.000 ± 0.000 | 1.00 |" in text
+    one_seed = _report(tmp_path / "runs" / "calibration", tmp_path / "e04_s0", "--seeds", "0")
+    assert "4 runs from" in one_seed and "| occ | 0 |" in one_seed  # per-seed paired rows without --pooled-only
