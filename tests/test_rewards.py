@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -262,9 +265,6 @@ THREADED = ("import threading\n"
 def test_grading_works_from_any_script_without_a_main_guard(tmp_path, how):
     """Workers must never re-import the caller's __main__ (a spawn/forkserver pool does: stdin and an
     unguarded script then kill every worker at start-up, or run the script again in each)."""
-    import subprocess
-    import sys
-
     code = THREADED if how == "thread" else GRADE_SNIPPET
     script = tmp_path / "quick.py"
     script.write_text(code + "open(__file__ + '.ran', 'a').write('x')\n" if how == "unguarded_script" else code)
@@ -293,3 +293,32 @@ def test_a_killed_host_is_replaced_and_the_call_retried():
         p.start()
         os.kill(p._host[0].pid, signal.SIGKILL)
         assert [v.score for v in p.grade(["\\boxed{2}"], ["2"])] == [1.0]
+
+
+def test_an_item_timeout_retires_its_worker_and_requeues_the_rest(pool):
+    """An in-worker timeout (SIGALRM) may have cut an import or a cache fill in half: the worker is replaced,
+    the rest of its chunk graded by clean workers."""
+    pool.start()
+    before = set(pool.worker_pids())
+    n = 20
+    completions = ["\\boxed{9^{9^{9^{9}}}}", *(f"\\boxed{{{i}}}" for i in range(1, n))]
+    verdicts = pool.grade(completions, ["1", *(str(i) for i in range(1, n))], timeout_s=1.0)
+    assert verdicts[0].timeout and "timed out" in verdicts[0].error  # the worker's own alarm, not a kill
+    assert [v.score for v in verdicts[1:]] == [1.0] * (n - 1) and not any(v.error for v in verdicts[1:])
+    assert len(before - set(pool.worker_pids())) == 1  # exactly the worker that timed out was replaced
+
+
+def test_warm_up_leaves_nothing_to_import_under_an_items_alarm():
+    """After `warm_up`, grading the math-verify table imports no module: a first-time import interrupted by
+    an item's SIGALRM would leave a half-initialised module that fails every later item of that process."""
+    code = ("import sys, json\n"
+            "from mtp_occ.rewards.graders import grade_one, warm_up\n"
+            "warm_up()\n"
+            "before = set(sys.modules)\n"
+            "for c, g, _ in json.loads(sys.argv[1]): grade_one(c, g, timeout_s=30.0)\n"
+            "print(json.dumps(sorted(set(sys.modules) - before)))\n")
+    table = json.dumps([*MATH_VERIFY_TABLE, ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}",
+                                             "\\left( 3, \\frac{\\pi}{2} \\right)", 1.0)])
+    out = subprocess.run([sys.executable, "-c", code, table], capture_output=True, text=True, timeout=120,
+                         check=True)
+    assert json.loads(out.stdout) == []

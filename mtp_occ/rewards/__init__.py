@@ -22,7 +22,11 @@ How it departs from the references
     - math-verify's own timeouts are whole-second `signal.alarm`s per call that add up (parse gold, parse
       pred, every verify pair). We switch them off and give each item ONE float budget (`setitimer`) in the
       worker; the parent kills the worker at budget + `grace_s`, the backstop for hangs inside C code
-      (a huge integer power never returns to the interpreter, so no signal handler can run).
+      (a huge integer power never returns to the interpreter, so no signal handler can run). Because an
+      alarm can land anywhere, nothing first-time happens under it: the host and each worker import and
+      exercise math-verify and sympy's lazily loaded parts first (`graders.warm_up`, no timer), and a worker
+      whose item ran out of time is replaced (an interrupted import would leave a half-initialised module
+      that fails every later item of that process, reported by math-verify as a wrong answer).
     - Plain-number spellings that LaTeX parsing gets wrong are rewritten on both sides: e-notation
       ("4.5e33", 62 Minerva golds, read as 4.5*e*33) -> `4.5\\times10^{33}`; a bare percentage ("62.5%",
       "8 \\%": a boxed percent does not parse) -> the number; "-1./3" -> "-1/3".

@@ -122,6 +122,28 @@ def math_verify_equal(pred: str, gold: str) -> bool:
     return bool(pred_parsed) and mv.verify(gold_parsed, pred_parsed, timeout_seconds=None)
 
 
+# (pred, gold) pairs whose first grading imports what math-verify and sympy load lazily (sympy's
+# assumptions wrappers and combinatorics behind a tuple with π, intervals, sets, percentages, e-notation,
+# equations, matrices): `warm_up` grades them once, with no timer running.
+WARM_UP_ITEMS = (
+    ("1/2", "\\frac{1}{2}"), ("\\left( 3, \\frac{\\pi}{2} \\right)", "\\left( 3, \\frac{\\pi}{2} \\right)"),
+    ("(0, 1]", "(0,1]"), ("\\{1, 2\\}", "\\{2, 1\\}"), ("62.5\\%", "62.5%"), ("4.5 \\times 10^{33}", "4.5e33"),
+    ("x = 5", "5"), ("\\sqrt{2}/2", "\\frac{\\sqrt2}{2}"), ("\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}", "\\begin{pmatrix} 1 \\\\ 2 \\end{pmatrix}"),
+)
+
+
+def warm_up() -> None:
+    """Import and exercise math-verify (and the DAPO normaliser) outside any timer. A SIGALRM that lands
+    inside a first-time import leaves a half-initialised module in `sys.modules`, and every later item of
+    that process then fails with an AttributeError that math-verify reports as "does not parse" or a wrong
+    answer; so the grading host calls this before it forks workers, and each worker before its first item."""
+    for pred, gold in WARM_UP_ITEMS:
+        if not math_verify_equal(pred, gold):
+            raise RuntimeError(f"math-verify failed its warm-up item {pred!r} == {gold!r}: check that "
+                               "`python -c 'import math_verify'` works and that the locked versions are installed")
+    dapo_equal("1/2", "\\frac{1}{2}")
+
+
 GRADERS: dict[str, Callable[[str, str], bool]] = {
     "math_verify": math_verify_equal,
     "dapo": dapo_equal,

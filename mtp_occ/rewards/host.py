@@ -17,10 +17,10 @@ from multiprocessing.connection import Connection
 
 
 def serve(conn: Connection, options: dict) -> None:
-    from mtp_occ.rewards.graders import grade_one
+    from mtp_occ.rewards.graders import warm_up
     from mtp_occ.rewards.pool import WorkerPool
 
-    grade_one("\\boxed{1/2}", "\\frac{1}{2}")  # import + warm math-verify once; workers inherit it
+    warm_up()  # import + warm math-verify once, with no timer running; workers inherit it
     # A forked worker must not keep the caller's socket open: if the host is killed, the caller has to see
     # EOF at once (and not wait on a worker that holds a copy of the host's end).
     os.register_at_fork(after_in_child=conn.close)

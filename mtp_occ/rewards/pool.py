@@ -32,7 +32,7 @@ from multiprocessing.connection import wait as wait_for_ready
 from pathlib import Path
 
 from mtp_occ.rewards.extract import EXTRACTORS
-from mtp_occ.rewards.graders import GRADERS, POOLED_GRADERS, Verdict, _lookup, grade_one
+from mtp_occ.rewards.graders import GRADERS, POOLED_GRADERS, Verdict, _lookup, grade_one, warm_up
 
 # ------------------------------------------------------------------------------------------- worker side
 
@@ -43,11 +43,13 @@ def _address_space_bytes() -> int:
 
 
 def _worker_main(conn, memory_limit_bytes: int) -> None:
-    """Grade chunks of `(index, grader, completion, answer, extract, timeout_s)`; reply per item."""
+    """Grade chunks of `(index, grader, completion, answer, extract, timeout_s)`; reply per item. After an
+    item that ran out of time (our SIGALRM), reply `("retire", index)` and exit: the alarm may have cut an
+    import or a cache fill in half, and a clean replacement forks from the host in milliseconds."""
     import resource
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; it kills us
-    grade_one("\\boxed{1/2}", "\\frac{1}{2}")  # import + warm math-verify before the clock runs
+    warm_up()  # every lazy import done before any item's clock runs (the host did it too: fork inherits)
     if memory_limit_bytes > 0 and os.path.exists("/proc/self/statm"):
         limit = _address_space_bytes() + memory_limit_bytes
         hard = resource.getrlimit(resource.RLIMIT_AS)[1]
@@ -62,7 +64,11 @@ def _worker_main(conn, memory_limit_bytes: int) -> None:
         if chunk is None:
             return
         for index, grader, completion, answer, extract, timeout_s in chunk:
-            conn.send((index, grade_one(completion, answer, grader, extract, timeout_s)))
+            verdict = grade_one(completion, answer, grader, extract, timeout_s)
+            conn.send((index, verdict))
+            if verdict.timeout:
+                conn.send(("retire", index))
+                return
 
 
 # ------------------------------------------------------------------------------------------- parent side
@@ -76,6 +82,7 @@ class _Worker:
     ready: bool = False
     items: deque | None = None  # indices sent and not answered yet, in the order the worker grades them
     item_started: float = 0.0  # when the worker began items[0] (chunk sent, or previous item answered)
+    retiring: bool = False  # it timed out an item itself and exits: replace it, re-queue the rest
 
 
 def _stop(worker: _Worker) -> None:
@@ -97,7 +104,10 @@ class WorkerPool:
     Items go out in chunks (throughput) but are timed one by one: a worker answers each item as it
     finishes, so the parent knows when the next one started. An item running past `timeout_s + grace_s`
     gets its worker killed and replaced and scores 0 with `timeout=True`; the rest of that chunk is
-    re-queued. A worker that dies (segfault, OOM kill) costs its current item (score 0, `error` set).
+    re-queued. An item that runs out of its budget inside the worker (SIGALRM) also scores 0 with
+    `timeout=True`, and that worker is replaced as well (the alarm may have cut an import in half; the rest
+    of its chunk is re-queued). A worker that dies (segfault, OOM kill) costs its current item (score 0,
+    `error` set).
     Calls from several threads are serialised by a lock.
     """
 
@@ -196,7 +206,10 @@ class WorkerPool:
         wait_for_ready([w.conn for w in self._workers] + [w.process.sentinel for w in self._workers],
                        timeout=max(0.0, min(deadlines, default=now + 1.0) - now))
         for worker in list(self._workers):
-            if not self._drain(worker, results) or not worker.process.is_alive():
+            drained = self._drain(worker, results)
+            if worker.retiring:  # its timed-out item has its verdict; nothing else of the chunk ran
+                self._retire(worker, results, pending, None)
+            elif not drained or not worker.process.is_alive():
                 worker.process.join(timeout=5)
                 code = worker.process.exitcode
                 if not worker.ready:
@@ -220,6 +233,9 @@ class WorkerPool:
                 if message[0] == "ready":
                     worker.ready = True
                     continue
+                if message[0] == "retire":
+                    worker.retiring = True
+                    return True
                 index, verdict = message
                 if not worker.items or worker.items[0] != index:
                     raise RuntimeError(f"grading worker answered item {index}, expected {worker.items}")
@@ -259,7 +275,10 @@ class GradingPool:
     Items go out in chunks (throughput) but are timed one by one: a worker answers each item as it
     finishes, so the host knows when the next one started. An item running past `timeout_s + grace_s`
     gets its worker killed and replaced and scores 0 with `timeout=True`; the rest of that chunk is
-    re-queued. A worker that dies (segfault, OOM kill) costs its current item (score 0, `error` set).
+    re-queued. An item that runs out of its budget inside the worker (SIGALRM) also scores 0 with
+    `timeout=True`, and that worker is replaced as well (the alarm may have cut an import in half; the rest
+    of its chunk is re-queued). A worker that dies (segfault, OOM kill) costs its current item (score 0,
+    `error` set).
     Workers cap their address space at their size after start-up + `memory_limit_gb`. Calls from several
     threads are serialised by a lock. If the host itself dies (the OOM killer), the call starts a new one
     and retries once; Ctrl-C during a call drops the host (its late reply must not answer the next call).
