@@ -352,16 +352,17 @@ def fig_lambda_trajectories(runs: Runs, metrics: pd.DataFrame, out: Path, smooth
         if len(lam) and is_calibrated(info["regime"]):
             curves[label].append(lam)
         elif len(lam) and info["regime"] == "policy":
-            fixed[label] = float(lam.mean())
+            fixed.setdefault(round(float(lam.mean()), 12), set()).add(label)
     if not curves:
         return None
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for label, per_seed in curves.items():
         mean = pd.concat(per_seed, axis=1).mean(axis=1).rolling(smooth, min_periods=1).mean()
         ax.plot(mean.index, mean.to_numpy(), label=label, linewidth=1.2)
-    for label, lam in fixed.items():
+    for lam, labels in fixed.items():  # one line per fixed value, however many configurations share it
         ax.axhline(lam, linestyle="--", color="gray", linewidth=0.9)
-        ax.annotate(f"{label} (fixed)", (0.01, lam), xycoords=("axes fraction", "data"), fontsize=7, color="gray")
+        ax.annotate(f"{', '.join(sorted(labels))} (fixed)", (0.01, lam), xycoords=("axes fraction", "data"),
+                    fontsize=7, color="gray", va="bottom")
     ax.set_yscale("symlog", linthresh=1e-5)
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_xlabel("RL step")

@@ -89,7 +89,7 @@ def test_readme_results_are_the_generated_reports():
     spec.loader.exec_module(report)
     readme = (REPO / "experiments" / "README.md").read_text()
     blocks = re.findall(r"<!-- generated: (\S+) -->\n(.*?)\n<!-- end generated -->", readme, re.S)
-    assert {f"experiments/out/{e}/report.md" for e in ("e01", "e02", "e03")} <= {f for f, _ in blocks}
+    assert {f"experiments/out/{e}/report.md" for e in ("e01", "e02", "e03", "e04")} <= {f for f, _ in blocks}
     for path, block in blocks:
         assert block == report.generated_block((REPO / path).read_text()), f"{path} differs from its README block"
 
@@ -98,7 +98,7 @@ def test_readme_shows_each_experiments_figures_inline():
     """Each reported experiment's answer has its key figures as markdown images, and every image exists."""
     readme = (REPO / "experiments" / "README.md").read_text()
     images = re.findall(r"!\[[^\]]+\]\(([^)]+)\)", readme)
-    for exp in ("e01", "e02", "e03"):
+    for exp in ("e01", "e02", "e03", "e04"):
         assert any(f"out/{exp}/fig_" in path for path in images), f"no inline figure for {exp}"
     for path in images:
         assert (REPO / "experiments" / path).is_file(), path
