@@ -375,20 +375,20 @@ CLI_CASES = [
 
 
 @pytest.mark.parametrize("overrides, key, hint", CLI_CASES, ids=lambda v: " ".join(v) if isinstance(v, list) else None)
-def test_cli_reports_one_line_and_exit_code_2_within_5_s(tmp_path, overrides, key, hint):
+def test_cli_reports_one_line_and_exit_code_2_before_building_anything(tmp_path, overrides, key, hint):
+    """Early = before a run dir is written or a model built or loaded (checked by what the process printed and
+    left behind, not by a clock: wall time on a shared machine says nothing)."""
     bad = _bad_jsonl(tmp_path)
     overrides = [o.format(bad=bad) for o in overrides]
     key = key.format(bad=bad)
-    start = time.monotonic()
     done = subprocess.run([sys.executable, "-m", "mtp_occ.run", *overrides, "eval.enabled=false", "steps=1",
                            f"run_root={tmp_path / 'runs'}", "dry_run=false"], cwd=REPO, env=_cli_env(),
                           capture_output=True, text=True, timeout=120)
-    elapsed = time.monotonic() - start
     err = [line for line in done.stderr.splitlines() if line.strip()]
     assert done.returncode == 2, done.stdout + done.stderr
     assert len(err) == 1 and err[0].startswith("error: ") and key in err[0] and hint in err[0], done.stderr
     assert "Traceback" not in done.stdout + done.stderr
-    assert elapsed < 5.0, f"took {elapsed:.1f} s"
+    assert "pre-train" not in done.stdout + done.stderr and "loaded" not in done.stdout + done.stderr  # no model
     assert not list((tmp_path / "runs").glob("*/checkpoints")) and not list((tmp_path / "runs").glob("*/run.json"))
 
 
