@@ -120,10 +120,13 @@ def paired(runs: Runs, against: str, per_seed: bool = True) -> list[str]:
         r = compare_runs(d, ref[0])["average"]
         rows.append(f"| {label} | {seed} | {100 * r['a']:.1f} | {100 * r['b']:.1f} | {100 * r['diff']:+.1f} | "
                     f"[{100 * r['lo']:+.1f}, {100 * r['hi']:+.1f}] | {r['p_value']:.3f} |")
-    head = [f"## Paired test against {against} (per seed; B − A with A = the run, B = {against})", "",
+    if not per_seed:
+        return [f"## Paired test against {against}", "", *pooled(runs, against)]
+    if not rows:
+        return []
+    return [f"## Paired test against {against} (per seed; B − A with A = the run, B = {against})", "",
             f"| run | seed | run avg | {against} avg | {against} − run | 95% CI | p |",
-            "|---|---:|---:|---:|---:|---|---:|", *rows, ""] if rows else [f"## Paired test against {against}", ""]
-    return [*head, *pooled(runs, against)] if rows or not per_seed else []
+            "|---|---:|---:|---:|---:|---|---:|", *rows, "", *pooled(runs, against)]
 
 
 def pooled(runs: Runs, against: str, n_boot: int = 2000) -> list[str]:
