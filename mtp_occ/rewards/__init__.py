@@ -23,8 +23,8 @@ How it departs from the references
       pred, every verify pair). We switch them off and give each item ONE float budget (`setitimer`) in the
       worker; the parent kills the worker at budget + `grace_s`, the backstop for hangs inside C code
       (a huge integer power never returns to the interpreter, so no signal handler can run). Because an
-      alarm can land anywhere, nothing first-time happens under it: the host and each worker import and
-      exercise math-verify and sympy's lazily loaded parts first (`graders.warm_up`, no timer), and a worker
+      alarm can land anywhere, nothing first-time happens under it: the host imports and exercises
+      math-verify and sympy's lazily loaded parts before it forks workers (`graders.warm_up`, no timer), and a worker
       whose item ran out of time is replaced (an interrupted import would leave a half-initialised module
       that fails every later item of that process, reported by math-verify as a wrong answer).
     - Plain-number spellings that LaTeX parsing gets wrong are rewritten on both sides: e-notation

@@ -136,7 +136,7 @@ def warm_up() -> None:
     """Import and exercise math-verify (and the DAPO normaliser) outside any timer. A SIGALRM that lands
     inside a first-time import leaves a half-initialised module in `sys.modules`, and every later item of
     that process then fails with an AttributeError that math-verify reports as "does not parse" or a wrong
-    answer; so the grading host calls this before it forks workers, and each worker before its first item."""
+    answer; so the grading host calls this before it forks its workers, which inherit the imports."""
     for pred, gold in WARM_UP_ITEMS:
         if not math_verify_equal(pred, gold):
             raise RuntimeError(f"math-verify failed its warm-up item {pred!r} == {gold!r}: check that "

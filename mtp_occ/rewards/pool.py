@@ -32,7 +32,7 @@ from multiprocessing.connection import wait as wait_for_ready
 from pathlib import Path
 
 from mtp_occ.rewards.extract import EXTRACTORS
-from mtp_occ.rewards.graders import GRADERS, POOLED_GRADERS, Verdict, _lookup, grade_one, warm_up
+from mtp_occ.rewards.graders import GRADERS, POOLED_GRADERS, Verdict, _lookup, grade_one
 
 # ------------------------------------------------------------------------------------------- worker side
 
@@ -49,7 +49,7 @@ def _worker_main(conn, memory_limit_bytes: int) -> None:
     import resource
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's business; it kills us
-    warm_up()  # every lazy import done before any item's clock runs (the host did it too: fork inherits)
+    # no warm-up here: the host ran `warm_up` (no timer) before forking, so every lazy import is inherited
     if memory_limit_bytes > 0 and os.path.exists("/proc/self/statm"):
         limit = _address_space_bytes() + memory_limit_bytes
         hard = resource.getrlimit(resource.RLIMIT_AS)[1]
