@@ -8,7 +8,8 @@ environment that changes floating-point results on CPU; it is part of the pre-tr
 
 Why those fields: the same commit and seeds give bit-identical runs only for the same library versions and
 the same CPU kernel family (torch dispatches its vectorised kernels on the CPU's ISA: AVX2 vs AVX-512 round
-differently; `mtp_occ/__init__.py` pins AVX2), and in general the same number of intra-op threads. Versions are read
+differently; `mtp_occ/__init__.py` pins AVX2), and the same number of intra-op threads (a run's `threads`;
+pre-training pins its own, `model.pretrain.threads`). Versions are read
 from package metadata, never by importing the package (vLLM's import alone takes seconds).
 """
 
@@ -74,11 +75,12 @@ def environment() -> dict:
 
 
 def numerics_key() -> dict:
-    """What changes the pre-trained base for the same code and seeds: torch's CPU kernel family (measured:
-    AVX2 vs AVX-512 gives another base) and the versions of the libraries that compute it. Left out because
-    measured not to change it bit for bit: 1 vs 2 intra-op threads (the tiny model's ops stay under
-    torch's parallel grain), transformers 5.19 vs 5.20; kept in: transformers' version anyway (its init
-    and attention code may change between releases)."""
+    """What changes the pre-trained base for the same code, config and seeds: torch's CPU kernel family
+    (measured: AVX2 vs AVX-512 gives another base) and the versions of the libraries that compute it. The
+    intra-op thread count changes it too (measured: 1 vs 2 threads give another base, BLAS splits its
+    reductions by thread), so pre-training runs on a fixed `model.pretrain.threads`, which is in the key
+    with the rest of the config. Left out because measured not to change it bit for bit: transformers 5.19
+    vs 5.20; kept in anyway (its init and attention code may change between releases)."""
     versions = package_versions()
     return {"torch": versions.get("torch"), "transformers": versions.get("transformers"),
             "cpu_capability": torch.backends.cpu.get_cpu_capability()}

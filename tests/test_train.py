@@ -157,3 +157,26 @@ def test_a_resumed_run_reports_the_base_score_not_its_checkpoint(tmp_path):
         shutil.rmtree(cached)
     again = train(cfg3, TINY)
     assert again["base_eval"]["benchmarks"] == first["base_eval"]["benchmarks"]
+
+
+def test_the_base_is_the_same_bits_whatever_threads_the_caller_runs_on(tmp_path):
+    """Pre-training pins `model.pretrain.threads` (the thread count changes the base's bits: shown by the
+    second half) and hands the caller's thread count back."""
+    from mtp_occ.tasks.pretrain import pretrain
+
+    short = [*TINY, "model.pretrain.steps=30"]
+    cfg = compose(short)
+    before = torch.get_num_threads()
+    weights = {}
+    try:
+        for caller in (1, 2):
+            torch.set_num_threads(caller)
+            pretrain(cfg.model, cfg.data, 0, tmp_path / f"caller{caller}")
+            assert torch.get_num_threads() == caller
+            weights[caller] = (tmp_path / f"caller{caller}" / "model.safetensors").read_bytes()
+        one = compose([*short, "model.pretrain.threads=1"])
+        pretrain(one.model, one.data, 0, tmp_path / "pinned1")
+    finally:
+        torch.set_num_threads(before)
+    assert weights[1] == weights[2]
+    assert (tmp_path / "pinned1" / "model.safetensors").read_bytes() != weights[2]

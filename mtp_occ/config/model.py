@@ -28,12 +28,16 @@ class PretrainConfig:
     warmup_steps: int = 50
     mtp_weight: float = 0.3  # total loss = CE_main + mtp_weight * mean_k CE_mtp_k
     seed: int = 0  # the base's init and data order; fixed across RL seeds so every run starts from one base
+    # torch intra-op threads while pre-training, whatever the run's `threads`: the thread count changes the
+    # base's bits (it splits BLAS reductions differently), so it is fixed to make one base on every machine
+    threads: int = 2
     cache_dir: str = ""  # "" = $MTP_OCC_CACHE or ~/.cache/mtp_occ
 
     def __post_init__(self) -> None:
         require(self.steps >= 0, "model.pretrain.steps", f"must be >= 0, got {self.steps}")
         require(self.batch_size >= 1, "model.pretrain.batch_size", "must be >= 1")
         require(self.lr > 0, "model.pretrain.lr", "must be > 0")
+        require(self.threads >= 1, "model.pretrain.threads", f"must be >= 1, got {self.threads}")
 
     def resolved_cache_dir(self) -> Path:
         raw = self.cache_dir or os.environ.get("MTP_OCC_CACHE") or "~/.cache/mtp_occ"

@@ -4,7 +4,9 @@ next-token CE + `mtp_weight` × mean-over-depths MTP CE on worked solutions (pro
 supervised: they are random numbers). The result is written with `save_model` (HF dir + MiMo-layout MTP
 weights + tokenizer) under `<cache>/bases/<key>/`, where the key hashes everything that determines the
 weights (model shape, task, pre-training config, seed, format version, and the numerics: torch and
-transformers versions and the CPU kernel family, see `mtp_occ.provenance`). Jobs that start together wait on a
+transformers versions and the CPU kernel family, see `mtp_occ.provenance`). Pre-training runs on
+`model.pretrain.threads` intra-op threads whatever the run's own `threads`, because the thread count changes
+the base's bits: one config gives one base on every machine and in every job of a sweep. Jobs that start together wait on a
 file lock instead of pre-training the same base several times; a crash mid-way leaves no partial base
 (written to a temp dir, renamed into place).
 """
@@ -17,6 +19,8 @@ import logging
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -58,9 +62,25 @@ def _batch(task: ArithTask, tok, start: int, size: int) -> tuple[torch.Tensor, t
     return ids, attn, mask
 
 
+@contextmanager
+def intra_op_threads(n: int) -> Iterator[None]:
+    """torch (and its BLAS) on `n` intra-op threads inside the block, the caller's count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, out_dir: Path) -> dict:
     """Train a tiny MTP model from scratch (init from `seed`) on the task (problems from `data_cfg.seed`)
-    and save it to `out_dir`; returns stats."""
+    and save it to `out_dir`, on `model_cfg.pretrain.threads` threads; returns stats."""
+    with intra_op_threads(model_cfg.pretrain.threads):
+        return _pretrain(model_cfg, data_cfg, seed, out_dir)
+
+
+def _pretrain(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int, out_dir: Path) -> dict:
     from tqdm.auto import tqdm
 
     from mtp_occ.model.load import build_tiny, save_model
