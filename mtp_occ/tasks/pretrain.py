@@ -6,9 +6,9 @@ weights + tokenizer) under `<cache>/bases/<key>/`, where the key hashes everythi
 weights (model shape, task, pre-training config, seed, format version, and the numerics: torch and
 transformers versions and the CPU kernel family, see `mtp_occ.provenance`). Pre-training runs on
 `model.pretrain.threads` intra-op threads whatever the run's own `threads`, because the thread count changes
-the base's bits: one config gives one base on every machine and in every job of a sweep. Jobs that start together wait on a
-file lock instead of pre-training the same base several times; a crash mid-way leaves no partial base
-(written to a temp dir, renamed into place).
+the base's bits: one config gives one base on every machine and in every job of a sweep. Jobs that start
+together wait on a file lock instead of pre-training the same base several times; a crash mid-way leaves no
+partial base (written to a temp dir, renamed into place).
 """
 
 from __future__ import annotations
