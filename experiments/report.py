@@ -56,6 +56,23 @@ def _label(info: dict, varying: set[str]) -> str:
     return " ".join(parts)
 
 
+def base_model_line(runs: Runs) -> list[str]:
+    """The base model's score: every run starts from the same weights, and each seed evaluates them with its
+    own sampling stream (as it does its final policy), so the line is the mean over seeds of one run's base
+    evaluation per seed."""
+    per_seed: dict[int, dict] = {}
+    for (_, seed), (d, _) in sorted(runs.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        summary = RunDir(d).base_eval.summary
+        if seed not in per_seed and summary.exists():
+            per_seed[seed] = json.loads(summary.read_text())["average"]
+    if not per_seed:
+        return []
+    mean = {k: 100 * sum(b[k] for b in per_seed.values()) / len(per_seed) for k in ("avg", "pass", "maj")}
+    over = f"mean over {len(per_seed)} seeds" if len(per_seed) > 1 else f"seed {next(iter(per_seed))}"
+    return [f"Base model (before RL, the same weights in every run; its evaluation {over}): avg {mean['avg']:.1f}, "
+            f"pass {mean['pass']:.1f}, maj {mean['maj']:.1f}.", ""]
+
+
 def collect(root: Path, reference: list[tuple[Path, set[str]]], seeds: set[int] | None = None) -> Runs:
     """{(row label, seed): (run dir, run_info)} for the experiment's runs (only `seeds`, when given) and the
     reference runs; run names shared by two sweeps are qualified (`<sweep>/<name>`) so that the frames keep
@@ -477,11 +494,7 @@ def main(argv: list[str] | None = None) -> None:
             lines += ["Figure: `fig_lambda_sweep.png` (held-out accuracy against λ, OCC as a band).", ""]
     else:
         lines += ["## Table 1 (regimes)", "", (args.out / "table1.md").read_text(), ""]
-    base = RunDir(next(iter(runs.values()))[0]).base_eval.summary
-    if base.exists():
-        b = json.loads(base.read_text())["average"]
-        lines += [f"Base model (before RL, shared by every run): avg {100 * b['avg']:.1f}, pass {100 * b['pass']:.1f}, "
-                  f"maj {100 * b['maj']:.1f}.", ""]
+    lines += base_model_line(runs)
     lines += paired(runs, args.against, per_seed=not args.pooled_only)
     lines += head_ce_effect(runs)
     lam = defaultdict(list)

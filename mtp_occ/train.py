@@ -158,12 +158,18 @@ def correct_rollout_mismatch(batch: RolloutBatch, old_BT: torch.Tensor, tis_cap:
 
 def evaluate_base(cfg: Config, model, tok, run_dir: Path, base_dir: Path | None, d: DistInfo, backend) -> dict:
     """The starting policy's evaluation (call it before loading a checkpoint): the run's own copy when it
-    has one (a resumed run), else the base cache's when every eval setting matches, else computed (by
-    every rank together; rank 0 gets the summary, the others {})."""
+    has one (a resumed run), else the base cache's when everything that decides its samples matches, else
+    computed (by every rank together; rank 0 gets the summary, the others {}).
+
+    The cache key is the eval settings plus the run's seed (the eval's sampling stream derives from it,
+    `evaluate_policy`) and the intra-op thread count (which changes the bits): RL seeds share the base
+    model, not its evaluation, so each seed's base score comes from its own sampling stream, as its final
+    score does."""
     import hashlib
 
     own = RunDir(run_dir).base_eval.summary
-    spec = plain_dict(cfg.eval) | ({"bf16": True} if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else {})
+    spec = plain_dict(cfg.eval) | {"seed": cfg.seed, "threads": torch.get_num_threads()}
+    spec |= {"bf16": True} if cfg.deepspeed.enabled and cfg.deepspeed.bf16 else {}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     cached = EvalDir(base_dir / f"eval_{key}").summary if base_dir else None
     found = None

@@ -1,6 +1,7 @@
 """Every experiment file composes; the paper variants pass a dry run (compose + batch arithmetic +
 the derived DeepSpeed config for the paper's 128 GPUs)."""
 
+import json
 import os
 import re
 import subprocess
@@ -132,3 +133,20 @@ def test_report_of_a_calibration_sweep(tmp_path):
     assert "| occ +head_ce=0.1 | 45.000 ± 0.000 | 5.62 |" in text and "| detach | 8.000 ± 0.000 | 1.00 |" in text
     one_seed = _report(tmp_path / "runs" / "calibration", tmp_path / "e04_s0", "--seeds", "0")
     assert "4 runs from" in one_seed and "| occ | 0 |" in one_seed  # per-seed paired rows without --pooled-only
+
+
+def test_the_base_line_is_the_mean_of_each_seeds_own_base_evaluation(tmp_path):
+    """Every run starts from one base, but each seed samples its evaluation with its own stream: the report
+    averages one base evaluation per seed (not whichever run it finds first)."""
+    from fixtures_runs import write_calibration_sweep
+
+    avg = {0: 0.40, 1: 0.46}  # two seeds' base scores; every configuration of a seed has the same one
+    for d in write_calibration_sweep(tmp_path / "runs"):
+        seed = int(d.name.rsplit("_s", 1)[1])  # fixture names end in _s<seed>
+        base = d / "eval" / "base" / "summary.json"
+        base.parent.mkdir(parents=True, exist_ok=True)
+        base.write_text(json.dumps({"average": {"avg": avg[seed], "pass": avg[seed] + 0.3, "maj": avg[seed] + 0.1}}))
+    text = _report(tmp_path / "runs" / "calibration", tmp_path / "e04", "--pooled-only")
+    assert "its evaluation mean over 2 seeds): avg 43.0, pass 73.0, maj 53.0." in text
+    one = _report(tmp_path / "runs" / "calibration", tmp_path / "e04_s1", "--pooled-only", "--seeds", "1")
+    assert "its evaluation seed 1): avg 46.0, pass 76.0, maj 56.0." in one

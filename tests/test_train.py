@@ -159,6 +159,19 @@ def test_a_resumed_run_reports_the_base_score_not_its_checkpoint(tmp_path):
     assert again["base_eval"]["benchmarks"] == first["base_eval"]["benchmarks"]
 
 
+def test_each_rl_seed_gets_the_base_evaluation_of_its_own_sampling_stream(tmp_path):
+    """Seeds share the base model and its cache, not its evaluation: a run never reports the base score
+    that another seed's run sampled (its summary says which seed it was sampled with); the same seed
+    reuses the cached one."""
+    one = train(compose([*TINY, f"run_root={tmp_path}", "name=s1", "seed=1", "steps=1"]), TINY)
+    zero = train(compose([*TINY, f"run_root={tmp_path}", "name=s0", "seed=0", "steps=1"]), TINY)
+    again = train(compose([*TINY, f"run_root={tmp_path}", "name=s0b", "seed=0", "steps=1"]), TINY)
+    assert one["base_eval"]["settings"]["seed"] == 1 and zero["base_eval"]["settings"]["seed"] == 0
+    assert again["base_eval"] == zero["base_eval"]
+    on_disk = json.loads((tmp_path / "s0b" / "eval" / "base" / "summary.json").read_text())
+    assert on_disk["settings"]["seed"] == 0
+
+
 def test_the_base_is_the_same_bits_whatever_threads_the_caller_runs_on(tmp_path):
     """Pre-training pins `model.pretrain.threads` (the thread count changes the base's bits: shown by the
     second half) and hands the caller's thread count back."""
