@@ -205,7 +205,7 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)
     engine = build_engine(model, cfg.algo, cfg.deepspeed, total_steps=cfg.steps, world=d.world)
     backend = build_rollout(cfg.rollout, cfg.model, model, str(base_dir) if base_dir else cfg.model.name_or_path or None, cfg.seed)
-    # the starting policy's score, before any checkpoint is loaded into the model (cached per base)
+    # the starting policy's score, before any checkpoint is loaded into the model (cached per base and seed)
     base_eval = evaluate_base(cfg, model, tok, run_dir, base_dir, d, backend) if cfg.eval.enabled else None
     ckpt_root, start, faults = files.checkpoints, 0, 0
     if (last := checkpoint.latest(ckpt_root)) is not None:
