@@ -161,8 +161,8 @@ def test_a_resumed_run_reports_the_base_score_not_its_checkpoint(tmp_path):
 
 def test_each_rl_seed_gets_the_base_evaluation_of_its_own_sampling_stream(tmp_path):
     """Seeds share the base model and its cache, not its evaluation: a run never reports the base score
-    that another seed's run sampled (its summary says which seed it was sampled with); the same seed
-    reuses the cached one."""
+    that another seed's run sampled (its summary says which seed it was sampled with); a second run of
+    the same seed gets the same base evaluation."""
     one = train(compose([*TINY, f"run_root={tmp_path}", "name=s1", "seed=1", "steps=1"]), TINY)
     zero = train(compose([*TINY, f"run_root={tmp_path}", "name=s0", "seed=0", "steps=1"]), TINY)
     again = train(compose([*TINY, f"run_root={tmp_path}", "name=s0b", "seed=0", "steps=1"]), TINY)
