@@ -142,6 +142,20 @@ def collect_rollouts(cfg: Config, model, tok, prompts, sampler: PromptSampler, s
     return (batch, reward_B), m
 
 
+def engine_dir(cfg: Config, model, tok, base_dir: Path | None) -> str | None:
+    """The HF directory a vLLM engine starts from (None for `rollout=hf`): the task's base, the GGUF file
+    written out as an HF directory (cached), or `model.name_or_path`."""
+    if cfg.rollout.backend.value != "vllm":
+        return None
+    if base_dir is not None:
+        return str(base_dir)
+    if cfg.model.gguf_file:
+        from mtp_occ.model.load import gguf_as_hf_dir
+
+        return str(gguf_as_hf_dir(cfg.model, model.lm, tok))
+    return cfg.model.name_or_path or None
+
+
 def correct_rollout_mismatch(batch: RolloutBatch, old_BT: torch.Tensor, tis_cap: float) -> dict[str, float]:
     """vLLM rollouts: log the sampler-vs-trainer log-prob gap; with `tis_cap`, set truncated IS weights."""
     if batch.rollout_logprob_BT is None:
@@ -204,7 +218,7 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     sampler = PromptSampler(len(prompts), cfg.seed, cfg.data.shuffle)
     regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)
     engine = build_engine(model, cfg.algo, cfg.deepspeed, total_steps=cfg.steps, world=d.world)
-    backend = build_rollout(cfg.rollout, cfg.model, model, str(base_dir) if base_dir else cfg.model.name_or_path or None, cfg.seed)
+    backend = build_rollout(cfg.rollout, cfg.model, model, engine_dir(cfg, model, tok, base_dir), cfg.seed)
     # the starting policy's score, before any checkpoint is loaded into the model (cached per base and seed)
     base_eval = evaluate_base(cfg, model, tok, run_dir, base_dir, d, backend) if cfg.eval.enabled else None
     ckpt_root, start, faults = files.checkpoints, 0, 0

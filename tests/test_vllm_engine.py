@@ -275,7 +275,7 @@ def test_mtp_drafter_gets_the_trainers_mtp_weights(spec_engine, mimo_dir, tok):
     counters = spec_engine.spec_counters()
     m = spec_engine.metrics()
     assert counters[SPEC_COUNTERS[0]] > 0 and 0.0 <= m["rollout/spec_acceptance"] <= 1.0
-    assert spec_engine.metrics() == {}  # per step: nothing proposed since the last call
+    assert "rollout/spec_acceptance" not in spec_engine.metrics()  # per step: nothing proposed since the last call
     # evaluation through the engine drains its counters, so they do not count in the next training step
     from mtp_occ.config import compose
     from mtp_occ.eval.policy import make_generate_fn
@@ -284,7 +284,7 @@ def test_mtp_drafter_gets_the_trainers_mtp_weights(spec_engine, mimo_dir, tok):
     completions = make_generate_fn(model, tok, cfg.eval, cfg.rollout, seed=0, backend=VllmBackend(spec_engine))(PROMPTS, 2)
     assert len(completions) == len(PROMPTS) and all(len(c) == 2 for c in completions)
     assert spec_engine.spec_counters()[SPEC_COUNTERS[0]] > counters[SPEC_COUNTERS[0]]
-    assert spec_engine.metrics() == {}
+    assert "rollout/spec_acceptance" not in spec_engine.metrics()
 
 
 def test_bench_section_measures_both_backends():

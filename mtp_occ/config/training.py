@@ -95,9 +95,15 @@ class RolloutConfig:
     sleep_level: int = 2  # between rollouts: 1 offloads the weights, 2 discards them (the next sync rewrites them)
     speculative_mtp: bool = False  # MTP speculative decoding; the drafter's weights sync every step
     tis_cap: float = 0.0  # truncated importance sampling cap on pi_train/pi_vllm; 0 = off
+    # after every weight sync the engine's log-probs on a fixed text are compared with the trainer's; a mean
+    # gap above this (nats/token) stops the run. None = by model.dtype (`rollout.vllm.PROBE_LIMITS`: 1e-3 for
+    # float32, 0.25 for bfloat16/float16; the README gives the measured levels they sit above)
+    max_logprob_mismatch: float | None = None
 
     def __post_init__(self) -> None:
         require(self.temperature > 0, "rollout.temperature", "must be > 0 for RL sampling")
+        require(self.max_logprob_mismatch is None or self.max_logprob_mismatch > 0, "rollout.max_logprob_mismatch",
+                f"must be > 0 (or null: by model.dtype), got {self.max_logprob_mismatch}")
         require(0 < self.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {self.top_p}")
         require(self.max_new_tokens >= 1, "rollout.max_new_tokens", "must be >= 1")
         require(self.kv_cache_mib >= 0, "rollout.kv_cache_mib", f"must be >= 0 (0 = off), got {self.kv_cache_mib}")

