@@ -32,6 +32,9 @@ class StandInModel:
     def __init__(self, module):
         self.module = module
 
+    def __getattr__(self, name):  # named_modules, modules, ...: the wrapped module's
+        return getattr(self.module, name)
+
     def load_weights(self, weights):
         params = dict(self.module.named_parameters())
         for name, t in weights:
@@ -39,13 +42,21 @@ class StandInModel:
 
 
 class StandInLLM:
-    """vLLM's `LLM` as our backend uses it on a GPU: sleep level 2 really discards the weights."""
+    """vLLM's `LLM` as our backend uses it on a GPU: sleep level 2 really discards the weights; the runner's
+    in-place reload is the stand-in model's strict `load_weights`; prompt log-probs serve the sync's probe."""
 
     def __init__(self, model):
         self.lm = copy.deepcopy(model.lm).eval()
         worker_model = StandInModel(self.lm)
-        self.worker = SimpleNamespace(model_runner=SimpleNamespace(get_model=lambda: worker_model))
+        runner = SimpleNamespace(get_model=lambda: worker_model,
+                                 reload_weights=lambda weights_iterator: worker_model.load_weights(weights_iterator))
+        self.worker = SimpleNamespace(model_runner=runner)
+        self.llm_engine = SimpleNamespace(model_config=SimpleNamespace(max_model_len=64))
         self.asleep, self.calls = False, []
+        self.finish_reason = None  # set: every request ends so (e.g. "abort")
+
+    def get_tokenizer(self):
+        return build_tokenizer()
 
     def collective_rpc(self, fn):
         self.calls.append("rpc")
@@ -68,6 +79,12 @@ class StandInLLM:
         assert not self.asleep
         outs = []
         for req, p in zip(requests, params, strict=True):
+            if getattr(p, "prompt_logprobs", None) is not None:  # the probe: log-probs of the prompt's tokens
+                ids = list(req["prompt_token_ids"])
+                lp_TV = torch.log_softmax(self.lm(torch.tensor([ids])).logits[0].float(), -1)
+                prompt = [None] + [{t: SimpleNamespace(logprob=float(lp_TV[i, t]))} for i, t in enumerate(ids[1:])]
+                outs.append(SimpleNamespace(prompt_logprobs=prompt))
+                continue
             g = torch.Generator().manual_seed(p.seed)
             toks, out, lps = list(req["prompt_token_ids"]), [], []
             for _ in range(p.max_tokens):
@@ -76,7 +93,7 @@ class StandInLLM:
                 toks.append(t), out.append(t), lps.append({t: SimpleNamespace(logprob=float(lp[t]))})
                 if t == self.eos:
                     break
-            reason = "stop" if out[-1] == self.eos else "length"
+            reason = self.finish_reason or ("stop" if out[-1] == self.eos else "length")
             outs.append(SimpleNamespace(outputs=[SimpleNamespace(token_ids=out, logprobs=lps, finish_reason=reason)]))
         return outs
 
@@ -128,6 +145,19 @@ def test_sleep_wake_cycle_and_level_2_needs_a_sync_before_sampling(fake_vllm, po
             backend.generate(tok, PROMPTS, 1, SamplingSettings(temperature=1.0, max_new_tokens=4, max_prompt_len=16))
     else:
         backend.generate(tok, PROMPTS, 1, SamplingSettings(temperature=1.0, max_new_tokens=4, max_prompt_len=16))
+
+
+def test_generate_refuses_an_asleep_engine_and_aborted_requests(fake_vllm, policy):
+    model, tok = policy
+    llm = StandInLLM(model)
+    backend, _ = _rollout(model, tok, llm, sleep_level=1)  # ends asleep, weights kept (level 1)
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=4, max_prompt_len=16)
+    with pytest.raises(RuntimeError, match="while asleep"):
+        backend.generate(tok, PROMPTS, 1, sampling)
+    backend.prepare(model)
+    llm.finish_reason = "abort"  # an aborted request is no sample to grade
+    with pytest.raises(RuntimeError, match=r"finish reason\(s\) \['abort'\]"):
+        backend.generate(tok, PROMPTS, 1, sampling)
 
 
 def test_tis_weights_and_mismatch_metric_from_the_batch(fake_vllm, policy):
@@ -226,7 +256,7 @@ def test_check_environment_accepts_the_cpu_build_and_names_the_fix(monkeypatch, 
             _check(monkeypatch, installed, cuda, overrides)
 
 
-def test_mimo_mtp_layers_read_the_pre_norm_hidden_state(tmp_path):
+def test_mimo_mtp_layers_read_the_pre_norm_hidden_state_and_no_token_at_position_0(tmp_path):
     """vLLM's MiMo drafter is fed the backbone's state before the final norm; training must feed the same."""
     import json
 
@@ -269,14 +299,16 @@ def test_mimo_mtp_layers_read_the_pre_norm_hidden_state(tmp_path):
     mask = create_causal_mask(config=bb.config, inputs_embeds=emb, attention_mask=attn, past_key_values=None,
                               position_ids=pos)
     with torch.no_grad():
-        h = model.mtp[0](captured[0], bb.embed_tokens(shift_left_BT(ids, 1)), mask, pos, bb.rotary_emb(emb, pos))
+        e = bb.embed_tokens(shift_left_BT(ids, 1))
+        e[:, 0] = 0.0  # MiMo's (and vLLM's drafters') zero token embedding at position 0
+        h = model.mtp[0](captured[0], e, mask, pos, bb.rotary_emb(emb, pos))
         raw = token_logprob_BT(model.lm.lm_head(h), shift_left_BT(ids, 2))
     assert torch.allclose(got[0, :, 2:-1], raw[:, 1:-2], atol=1e-5)
-    # the choice travels with a saved model
+    # the choices travel with a saved model
     model.prenorm_hidden = True
     save_model(model, tmp_path / "saved")
-    assert load_pretrained(ModelConfig(name="m", source=ModelSource.hf, name_or_path=str(tmp_path / "saved"))
-                           ).prenorm_hidden
+    loaded = load_pretrained(ModelConfig(name="m", source=ModelSource.hf, name_or_path=str(tmp_path / "saved")))
+    assert loaded.prenorm_hidden and loaded.zero_first_embedding
 
 
 def test_bench_section_says_why_when_vllm_is_missing(monkeypatch):

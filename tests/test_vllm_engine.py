@@ -19,6 +19,7 @@ import random
 import numpy as np
 import pytest
 import torch
+from fixtures_models import perturb_, write_mimo
 
 from mtp_occ.config import ModelConfig, ModelSource
 from mtp_occ.model.load import build_tiny, load_pretrained, save_model
@@ -32,13 +33,6 @@ pytestmark = pytest.mark.vllm
 LOGPROB_TOL = 1e-4
 PROMPTS = ["1+2=", "7-3+1=", "9+9=", "4=", "8-1=", "5+5+5=", "2=", "6-4="]  # lengths differ: left padding
 EXTRA_EOS = 10  # a second EOS id in generation_config.json (as instruct models have); see the EOS test
-
-
-def _perturb(model, seed, scale=0.05):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn(p.shape, generator=g))
 
 
 def _generate(engine, tok, temperature=1.0, n=4, seed=5, **kw):
@@ -95,7 +89,7 @@ def started(policy_dir):
 def model(policy_dir):
     """The trainer's copy, moved away from the saved weights: only a sync makes the engine agree with it."""
     m = load_pretrained(ModelConfig(name="t", source=ModelSource.hf, name_or_path=str(policy_dir)))
-    _perturb(m, seed=1)
+    perturb_(m, seed=1)
     return m
 
 
@@ -198,29 +192,7 @@ def test_rows_ending_on_a_generation_config_eos_are_finished_not_truncated(start
 
 @pytest.fixture(scope="module")
 def mimo_dir(tmp_path_factory, tok):
-    """A tiny MiMo-layout checkpoint (Qwen2 backbone keys + model.mtp_layers.0.* in one shard), with a final
-    norm far from all-ones so that pre-norm and post-norm hidden states differ."""
-    from safetensors.torch import save_file
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from mtp_occ.config import ConcatOrder, MtpInit
-    from mtp_occ.model.load import attach_mtp, ours_to_mimo_key
-
-    d = tmp_path_factory.mktemp("mimo")
-    cfg = Qwen2Config(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False,
-                      max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                      eos_token_id=tok.eos_token_id)
-    torch.manual_seed(3)
-    src = attach_mtp(Qwen2ForCausalLM(cfg), 1, ConcatOrder.hidden_first, MtpInit.copy_last)
-    with torch.no_grad():
-        src.lm.model.norm.weight.uniform_(0.2, 3.0)
-    state = dict(src.lm.state_dict()) | {ours_to_mimo_key(k): v for k, v in src.mtp.state_dict().items()}
-    save_file({k: v.contiguous() for k, v in state.items()}, str(d / "model.safetensors"))
-    raw = cfg.to_dict() | {"architectures": ["MiMoForCausalLM"], "num_nextn_predict_layers": 1}
-    (d / "config.json").write_text(json.dumps(raw))
-    tok.save_pretrained(str(d))
-    return d
+    return write_mimo(tmp_path_factory.mktemp("mimo"), tok)  # untied; test_vllm_drafter.py also ties it
 
 
 @pytest.fixture(scope="module")
@@ -234,7 +206,7 @@ def spec_engine(mimo_dir):
 def test_mtp_drafter_gets_the_trainers_mtp_weights(spec_engine, mimo_dir, tok):
     model = load_pretrained(ModelConfig(name="mimo_tiny", source=ModelSource.mimo, name_or_path=str(mimo_dir)))
     assert model.prenorm_hidden  # as vLLM's MiMo drafter reads it
-    _perturb(model, seed=2)
+    perturb_(model, seed=2)
     spec_engine.sync_weights(model)  # before the fix: "started without an MTP drafter" (no runner.drafter)
 
     def drafter_state(runner):

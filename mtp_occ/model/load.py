@@ -9,8 +9,9 @@
   the backbone as Qwen2 (MiMo's architecture) and the MTP weights into our layers, which our forward runs.
   MiMo's MTP layers read the backbone's last hidden state before the final norm: vLLM's `MiMoModel.forward`
   returns the pre-norm state (the norm is applied only for the logits) and its `mimo_mtp` drafter consumes
-  it, so training feeds the same state (`MTPModel.prenorm_hidden`, recorded in `mtp_config.json`). (vLLM's
-  drafter also zeroes the token embedding at position 0; that position is a prompt token, never an RL one.)
+  it, so training feeds the same state (`MTPModel.prenorm_hidden`, recorded in `mtp_config.json`). vLLM's
+  drafter also zeroes the token embedding at position 0, and that position's MTP state sits in every later
+  position's attention context, so training does the same (`MTPModel.zero_first_embedding`, recorded too).
 
 `save_model(model, dir)` writes the HF model plus `mtp.safetensors` in MiMo's key layout, so anything we
 save loads back with `source=hf` (and other tools read the MTP weights by MiMo's names).
@@ -124,7 +125,9 @@ def load_pretrained(cfg: ModelConfig) -> MTPModel:
         from huggingface_hub import snapshot_download
 
         path = Path(snapshot_download(cfg.name_or_path))
-    prenorm = cfg.source is ModelSource.mimo  # MiMo's MTP input is the pre-norm state (vLLM's mimo/mimo_mtp)
+    # MiMo's conventions, as vLLM's mimo/mimo_mtp run them: the MTP layers read the pre-norm state, and a zero
+    # token embedding at position 0
+    prenorm = zero_first = cfg.source is ModelSource.mimo
     if cfg.source is ModelSource.mimo:
         lm, depth = _load_mimo_lm(path, cfg, dtype)
     else:
@@ -134,10 +137,11 @@ def load_pretrained(cfg: ModelConfig) -> MTPModel:
         depth = cfg.mtp_depth
         meta = path / MTP_META
         if meta.exists():
-            depth = json.loads(meta.read_text())["depth"]
-            prenorm = json.loads(meta.read_text()).get("prenorm_hidden", False)
+            saved = json.loads(meta.read_text())
+            depth, prenorm = saved["depth"], saved.get("prenorm_hidden", False)
+            zero_first = saved.get("zero_first_embedding", False)
     model = attach_mtp(lm, depth, cfg.concat_order, cfg.mtp_init)
-    model.prenorm_hidden = prenorm
+    model.prenorm_hidden, model.zero_first_embedding = prenorm, zero_first
     state = _read_mtp_state(path)
     if state:
         missing, unexpected = model.mtp.load_state_dict(state, strict=False)
@@ -164,7 +168,8 @@ def save_model(model: MTPModel, out_dir: Path, tokenizer=None) -> None:
     state = {ours_to_mimo_key(k): v.detach().contiguous().cpu() for k, v in model.mtp.state_dict().items()}
     save_file(state, str(out_dir / MTP_FILE))
     (out_dir / MTP_META).write_text(json.dumps({"depth": model.depth, "concat_order": model.concat_order.value,
-                                                "prenorm_hidden": model.prenorm_hidden}))
+                                                "prenorm_hidden": model.prenorm_hidden,
+                                                "zero_first_embedding": model.zero_first_embedding}))
 
 
 def gguf_as_hf_dir(cfg: ModelConfig, lm: nn.Module, tokenizer) -> Path:

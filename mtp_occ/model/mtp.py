@@ -3,7 +3,8 @@ gradient paths and log-probs aligned for RL.
 
 Depth k = 1..K shares the embedding E and the output head H with the main model:
     h^0_t  = last hidden state of the backbone (after its final norm; MiMo: before it)    [B,T,D]
-    z^k_t  = P_k · concat(norm_h(h^{k-1}_t), norm_e(E(x_{t+k})))   (order: `concat_order`)
+    z^k_t  = P_k · concat(norm_h(h^{k-1}_t), norm_e(E(x_{t+k})))   (order: `concat_order`; MiMo: E(·) = 0
+             where position t is 0, as vLLM's drafters compute it)
     h^k    = final_norm_k(Block_k(z^k))         (one causal decoder block of the backbone's own class)
     logits^k_t = H(h^k_t)                       predicts x_{t+k+1}
 
@@ -125,6 +126,10 @@ class MTPModel(nn.Module):
         # MiMo: the MTP layers read the backbone's last state *before* its final norm, as vLLM's MiMo drafter
         # does (set by `load_pretrained` for source=mimo); DeepSeek-V3-style fresh layers read it after
         self.prenorm_hidden = False
+        # MiMo: the token embedding the MTP layers read is zero at position 0, as vLLM's MTP drafters (mimo_mtp,
+        # deepseek_mtp, ...) set it; that position's MTP state is in every later position's attention context,
+        # so without it the drafter's proposals differ from the trained head's (measured: tests/test_vllm_drafter.py)
+        self.zero_first_embedding = False
 
     @property
     def depth(self) -> int:
@@ -202,6 +207,8 @@ class MTPModel(nn.Module):
         lps, hits = [], []
         for k, layer in enumerate(self.mtp, start=1):
             e_BTD = F.embedding(shift_left_BT(input_ids_BT, k), emb_w)
+            if self.zero_first_embedding:
+                e_BTD = e_BTD.masked_fill((pos_BT == 0)[..., None], 0.0)
             h_prev = layer(h_prev, e_BTD, mask4d, pos_BT, rope)
             lp_BT, hit_BT = head_logprob_BT(h_prev, head.weight, head.bias, targets_BT, ce_mask_KBT[k - 1],
                                             temperature, chunk_mb, shift=k, weight_grad=head_grad, return_hit=True)

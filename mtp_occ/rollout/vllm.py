@@ -215,8 +215,6 @@ def with_tied_copies(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor
     (buffer, process, copy into its tensors) on any platform, instead of relying on the shared storage.
     The tail runs when the model's `load_weights` asks for the item after the last, i.e. still inside the
     reload. Holds the shared tensor until then (a gathered copy under ZeRO-3: one [V, D] tensor)."""
-    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-
     tied = tied_copies(model)
 
     def stream():
@@ -226,6 +224,8 @@ def with_tied_copies(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor
                 kept[name] = t
             yield name, t
         for source, copies in tied.items():
+            from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
             if source not in kept:
                 raise WeightSyncError(f"{copies} share {source!r}, which the trainer did not hand over: the engine "
                                       "would keep placeholders there")
@@ -402,7 +402,7 @@ class VllmRollout:
 
         ids = self.probe_ids
         params = SamplingParams(max_tokens=1, temperature=1.0, prompt_logprobs=0, seed=0)
-        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], params, use_tqdm=False)[0]
+        out = self.llm.generate([TokensPrompt(prompt_token_ids=ids)], [params], use_tqdm=False)[0]
         engine_T = torch.tensor([d[tok].logprob for tok, d in zip(ids[1:], out.prompt_logprobs[1:], strict=True)])
         gap_T = (engine_T - trainer_probe_logprobs(model, ids)).abs()
         gap = float(all_reduce_(gap_T.mean().double().reshape(1), "max").item())

@@ -1,0 +1,125 @@
+"""Checkpoint layouts through the REAL engine (vLLM's CPU build; marked `vllm`): tied and untied Llama, tied
+and untied Qwen2 (q/k/v biases, as Qwen2.5), all fp32. After the first weight sync, and again after an
+optimizer step has changed the weights, the engine's log-probs on its own samples equal the trainer's to
+`LOGPROB_TOL` (test_vllm_engine.py says why 1e-4). The tied layouts sampled from the engine's placeholder LM
+head before `rollout.vllm.with_tied_copies` (0.46 nats/token off on these near-uniform random models, ~3 on
+SmolLM2); the untied ones are the controls. Also here: the post-sync probe, and vLLM's unloaded-weight
+warnings turned into errors."""
+
+import json
+
+import pytest
+import torch
+from fixtures_models import LAYOUTS, build_layout, perturb_
+
+from mtp_occ.config import ModelConfig, ModelSource
+from mtp_occ.model.load import load_pretrained
+from mtp_occ.model.mtp import aligned_masks
+from mtp_occ.rollout.sampling import SamplingSettings
+from mtp_occ.rollout.vllm import (
+    VllmRollout,
+    WeightSyncError,
+    full_named_parameters,
+    load_policy,
+    logprob_mismatch,
+    on_worker,
+)
+from mtp_occ.tasks.arith import build_tokenizer
+
+pytestmark = pytest.mark.vllm
+LOGPROB_TOL = 1e-4
+PROMPTS = ["1+2=", "7-3+1=", "9+9=", "4=", "8-1=", "5+5+5="]
+
+
+def sample(engine, tok, seed: int):
+    sampling = SamplingSettings(temperature=1.0, max_new_tokens=12, max_prompt_len=16)
+    return engine.generate(tok, PROMPTS, 4, sampling, row_keys=torch.arange(len(PROMPTS) * 4), seed=seed)
+
+
+@torch.no_grad()
+def worst_gap(model, batch, vllm_BT) -> tuple[float, float]:
+    """(max, mean) |log π_trainer − log π_vllm| over the sampled response tokens."""
+    out = model.eval()(batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT, with_mtp=False)
+    loss_BT = aligned_masks(batch.attention_mask_BT, batch.response_mask_BT, 1)[0]
+    return float(((out.logprob_BT - vllm_BT).abs() * loss_BT).max()), logprob_mismatch(out.logprob_BT, vllm_BT, loss_BT)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return build_tokenizer()
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def layout(request, tok, tmp_path_factory):
+    """(layout name, checkpoint dir, started engine); one engine per layout."""
+    d = build_layout(request.param, tok, tmp_path_factory.mktemp(request.param))
+    engine = VllmRollout.start(str(d), dtype="float32", gpu_memory_utilization=0.1, kv_cache_mib=64, max_model_len=64,
+                               speculative_mtp=False, seed=0, max_logprob_mismatch=1e-3)
+    yield request.param, d, engine
+    engine.close()
+
+
+def test_engine_matches_the_trainer_after_a_sync_and_after_an_optimizer_step(layout, tok):
+    name, d, engine = layout
+    model = load_pretrained(ModelConfig(name=name, source=ModelSource.hf, name_or_path=str(d)))
+    lm = model.lm
+    assert (lm.lm_head.weight is lm.model.embed_tokens.weight) == name.endswith("-tied")
+    assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] == name.endswith("-tied")
+    if name.startswith("qwen2"):
+        assert lm.model.layers[0].self_attn.q_proj.bias is not None  # the biases are synced and checked too
+    perturb_(model, seed=1)
+    engine.sync_weights(model)
+    assert engine.probe_gap < LOGPROB_TOL
+    batch, vllm_BT = sample(engine, tok, seed=3)
+    assert int(batch.response_mask_BT.sum()) > 100
+    worst, mean = worst_gap(model, batch, vllm_BT)
+    print(f"{name}: first sync max |Δ logp| = {worst:.2e} (mean {mean:.2e}), probe {engine.probe_gap:.2e}")
+    assert worst < LOGPROB_TOL
+
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-2)
+    out = model.train()(batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT, with_mtp=False)
+    (-(out.logprob_BT * out.loss_mask_BT).sum() / out.loss_mask_BT.sum()).backward()
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in model.named_parameters() if p.grad is not None)
+    engine.sync_weights(model)
+    batch2, vllm2_BT = sample(engine, tok, seed=4)
+    worst2, mean2 = worst_gap(model, batch2, vllm2_BT)
+    stale = load_pretrained(ModelConfig(name=name, source=ModelSource.hf, name_or_path=str(d)))
+    stale.load_state_dict(before)
+    print(f"{name}: after the step max |Δ logp| = {worst2:.2e} (mean {mean2:.2e}); vs the stale weights "
+          f"{worst_gap(stale, batch2, vllm2_BT)[1]:.2e}")
+    assert worst2 < LOGPROB_TOL
+    assert worst_gap(stale, batch2, vllm2_BT)[1] > 100 * LOGPROB_TOL  # the step moved the policy visibly
+
+
+def test_the_probe_stops_a_sync_that_left_the_engine_behind(layout, monkeypatch):
+    """A sync that writes nothing (stood in for by a no-op loader) leaves the previous weights: the probe
+    raises, naming the gap and the limit; the engine's probe of the weights it does hold passes."""
+    import mtp_occ.rollout.vllm as vllm_mod
+
+    name, d, engine = layout
+    model = load_pretrained(ModelConfig(name=name, source=ModelSource.hf, name_or_path=str(d)))
+    perturb_(model, seed=5)
+    engine.sync_weights(model)
+    moved = load_pretrained(ModelConfig(name=name, source=ModelSource.hf, name_or_path=str(d)))
+    moved.load_state_dict(model.state_dict())
+    perturb_(moved, seed=6)
+    monkeypatch.setattr(vllm_mod, "load_policy", lambda runner, weights: None)
+    with pytest.raises(WeightSyncError, match=r"disagrees with the trainer after a weight sync: mean .* above "
+                                              r"rollout.max_logprob_mismatch = 0.001"):
+        engine.sync_weights(moved)
+    assert engine.probe(model) < LOGPROB_TOL
+
+
+def test_a_parameter_the_sync_does_not_write_is_an_error(layout):
+    """vLLM only warns when a layer receives no weights (it keeps its old tensors); the sync raises, naming
+    the layer, after the reload has finished (so a real sync afterwards works)."""
+    name, d, engine = layout
+    model = load_pretrained(ModelConfig(name=name, source=ModelSource.hf, name_or_path=str(d)))
+    dropped = "model.layers.1.mlp.down_proj.weight"
+    weights = ((n, t) for n, t in full_named_parameters(model.lm) if n != dropped)
+    with pytest.raises(WeightSyncError, match="RowParallelLinear: Failed to load weights"):
+        on_worker(engine.llm, lambda runner: load_policy(runner, weights))
+    engine.sync_weights(model)  # a complete sync afterwards passes its probe
+    assert engine.probe_gap < LOGPROB_TOL
