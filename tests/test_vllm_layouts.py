@@ -1,9 +1,10 @@
 """Checkpoint layouts through the REAL engine (vLLM's CPU build; marked `vllm`): tied and untied Llama, tied
 and untied Qwen2 (q/k/v biases, as Qwen2.5), all fp32. After the first weight sync, and again after an
 optimizer step has changed the weights, the engine's log-probs on its own samples equal the trainer's to
-`LOGPROB_TOL` (test_vllm_engine.py says why 1e-4). The tied layouts sampled from the engine's placeholder LM
-head before `rollout.vllm.with_tied_copies` (0.46 nats/token off on these near-uniform random models, ~3 on
-SmolLM2); the untied ones are the controls. Also here: the post-sync probe, and vLLM's unloaded-weight
+`LOGPROB_TOL` (test_vllm_engine.py says why 1e-4). With vLLM's plain reload (the sync before
+`rollout.vllm.with_tied_copies`) the tied layouts sample from the engine's placeholder LM head (probe ~0.5
+nats/token off on these near-uniform random models, 7.7 on SmolLM2), which each test checks first; the
+untied ones are the controls. Also here: the post-sync probe, and vLLM's unloaded-weight
 warnings turned into errors."""
 
 import json
@@ -44,6 +45,17 @@ def worst_gap(model, batch, vllm_BT) -> tuple[float, float]:
     return float(((out.logprob_BT - vllm_BT).abs() * loss_BT).max()), logprob_mismatch(out.logprob_BT, vllm_BT, loss_BT)
 
 
+def plain_reload_gap(engine, model) -> float:
+    """The probe's gap after a sync through vLLM's plain `reload_weights` (this project's sync before
+    `with_tied_copies`): what every layout got before the fix."""
+    on_worker(engine.llm, lambda runner: runner.reload_weights(weights_iterator=full_named_parameters(model.lm)))
+    try:
+        engine.probe(model)
+    except WeightSyncError:
+        pass
+    return engine.probe_gap
+
+
 @pytest.fixture(scope="module")
 def tok():
     return build_tokenizer()
@@ -68,12 +80,18 @@ def test_engine_matches_the_trainer_after_a_sync_and_after_an_optimizer_step(lay
     if name.startswith("qwen2"):
         assert lm.model.layers[0].self_attn.q_proj.bias is not None  # the biases are synced and checked too
     perturb_(model, seed=1)
+    before_fix = plain_reload_gap(engine, model)
+    if name.endswith("-tied"):
+        assert before_fix > 0.1  # the head computes with its start-up placeholders
+    else:
+        assert before_fix < LOGPROB_TOL
     engine.sync_weights(model)
     assert engine.probe_gap < LOGPROB_TOL
     batch, vllm_BT = sample(engine, tok, seed=3)
     assert int(batch.response_mask_BT.sum()) > 100
     worst, mean = worst_gap(model, batch, vllm_BT)
-    print(f"{name}: first sync max |Δ logp| = {worst:.2e} (mean {mean:.2e}), probe {engine.probe_gap:.2e}")
+    print(f"{name}: first sync max |Δ logp| = {worst:.2e} (mean {mean:.2e}), probe {engine.probe_gap:.2e}; "
+          f"probe after vLLM's plain reload {before_fix:.2e}")
     assert worst < LOGPROB_TOL
 
     before = {k: v.clone() for k, v in model.state_dict().items()}
@@ -123,3 +141,53 @@ def test_a_parameter_the_sync_does_not_write_is_an_error(layout):
         on_worker(engine.llm, lambda runner: load_policy(runner, weights))
     engine.sync_weights(model)  # a complete sync afterwards passes its probe
     assert engine.probe_gap < LOGPROB_TOL
+
+
+@pytest.mark.slow
+def test_smollm2_through_the_engine_matches_the_trainer(tmp_path, monkeypatch):
+    """The shipped offline model (SmolLM2-135M-Instruct: Llama, tied embeddings, vocab 49,152), written once
+    from its GGUF file as an HF directory the engine starts from: engine and trainer agree after the first
+    sync and after an optimizer step. Measured here: mean |Δ log π| ~2e-5, max ~6e-5 per token (30 layers of
+    fp32 in two kernel libraries); vLLM's plain reload (the sync before the tied-head fix) leaves it several nats off."""
+    from mtp_occ.config import compose
+    from mtp_occ.model.load import gguf_as_hf_dir, load_tokenizer, smollm2_dir
+    from mtp_occ.policy import build_policy
+
+    monkeypatch.setenv("MTP_OCC_CACHE", str(tmp_path))
+    cfg = compose(["model=smollm2_135m", f"model.name_or_path={smollm2_dir()}",
+                   "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"])
+    model, tok, _ = build_policy(cfg.model, cfg.data, 0)
+    d = gguf_as_hf_dir(cfg.model, model.lm, tok)
+    assert gguf_as_hf_dir(cfg.model, model.lm, tok) == d  # cached: keyed by the file's bytes
+    assert json.loads((d / "config.json").read_text())["tie_word_embeddings"]
+    assert load_tokenizer(str(d))("What is 2+3?")["input_ids"] == tok("What is 2+3?")["input_ids"]
+    engine = VllmRollout.start(str(d), dtype="float32", gpu_memory_utilization=0.1, kv_cache_mib=256,
+                               max_model_len=160, speculative_mtp=False, seed=0, max_logprob_mismatch=1e-3)
+    try:
+        prompts = [tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
+                   for q in ("What is 2+3?", "Name a prime number.", "Say hi.")]
+        sampling = SamplingSettings(temperature=1.0, max_new_tokens=24, max_prompt_len=64)
+
+        def gap():
+            batch, vllm_BT = engine.generate(tok, prompts, 2, sampling, row_keys=torch.arange(6), seed=1,
+                                             add_special_tokens=False)
+            assert int(batch.response_mask_BT.sum()) > 30
+            return batch, *worst_gap(model, batch, vllm_BT)
+
+        before_fix = plain_reload_gap(engine, model)
+        assert before_fix > 1.0  # several nats: a near-uniform head over 49,152 tokens
+        engine.sync_weights(model)
+        batch, worst, mean = gap()
+        print(f"SmolLM2 first sync: max {worst:.2e}, mean {mean:.2e}, probe {engine.probe_gap:.2e}; probe after "
+              f"vLLM's plain reload {before_fix:.2f}")
+        assert mean < LOGPROB_TOL and worst < 10 * LOGPROB_TOL
+        opt = torch.optim.SGD(model.lm.parameters(), lr=1e-2)
+        out = model.train()(batch.input_ids_BT, batch.attention_mask_BT, batch.response_mask_BT, with_mtp=False)
+        (-(out.logprob_BT * out.loss_mask_BT).sum() / out.loss_mask_BT.sum()).backward()
+        opt.step()
+        engine.sync_weights(model)
+        _, worst, mean = gap()
+        print(f"SmolLM2 after a step: max {worst:.2e}, mean {mean:.2e}, probe {engine.probe_gap:.2e}")
+        assert mean < LOGPROB_TOL and worst < 10 * LOGPROB_TOL
+    finally:
+        engine.close()

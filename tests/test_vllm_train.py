@@ -81,3 +81,20 @@ def test_two_data_parallel_ranks_each_run_an_engine(tmp_path):
     assert [r["step"] for r in rows] == [1, 2]
     assert all(r["rollout/logprob_mismatch"] < 1e-4 for r in rows)
     assert (tmp_path / "dp2" / "eval" / "summary.json").exists()
+
+
+def test_an_engine_left_unsynced_stops_the_run_before_its_first_update(tmp_path, monkeypatch):
+    """A sync that writes nothing (the policy loader replaced by a no-op) leaves the engine on its start-up
+    placeholders (`load_format=dummy`): the probe after the sync stops the run before any rollout is
+    trained on, with a message naming that cause; no metrics row is written."""
+    import mtp_occ.rollout.vllm as vllm_mod
+    from mtp_occ.config import compose
+    from mtp_occ.train import train
+
+    monkeypatch.setattr(vllm_mod, "load_policy", lambda runner, weights: None)
+    cfg = compose([*TINY, f"run_root={tmp_path}", "name=unsynced", "steps=2", "eval.enabled=false"])
+    with pytest.raises(vllm_mod.WeightSyncError, match=r"placeholder weights .* never synced"):
+        train(cfg, [])
+    run_dir = tmp_path / "unsynced"
+    assert not (run_dir / "metrics.jsonl").exists() or not (run_dir / "metrics.jsonl").read_text().strip()
+    assert json.loads((run_dir / "run.json").read_text())["status"] == "failed"

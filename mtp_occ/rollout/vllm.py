@@ -21,17 +21,29 @@ mode does; this works on the CPU build over gloo too).
   `torch.set_num_threads` with a no-op. `start` restores all of it (`preserved_process_state`), so a run
   with the engine trains exactly as it would without one, and a resumed run reproduces an uninterrupted one.
 - Weight sync: the trainer's parameters are streamed, one at a time, under the HF names through vLLM's
-  `collective_rpc` into the worker's in-place reload (`reload_weights`, which re-applies the CPU runner's
-  post-load processing; plain `load_weights` fails there because that processing drops the weight
-  loaders). Under ZeRO-3 each parameter is gathered from its shards just before it is handed over
-  (`full_named_parameters`: a collective, so every rank syncs, in the same order).
+  `collective_rpc` into the worker's in-place reload (`reload_weights`, vLLM's layer-wise reload, which
+  re-applies the CPU runner's post-load processing; plain `load_weights` fails there because that processing
+  drops the weight loaders). Under ZeRO-3 each parameter is gathered from its shards just before it is
+  handed over (`full_named_parameters`: a collective, so every rank syncs, in the same order). Tied
+  embeddings: vLLM's loaders skip `lm_head.*`, so the head layer received nothing and kept its start-up
+  processing; on the CPU build that is a GEMM handle packed from the `load_format=dummy` weights, and a
+  tied model sampled from a near-uniform head although the head's tensor held the right values (measured:
+  re-running the head's post-load processing alone fixed it). `with_tied_copies` loads every tied copy
+  through its own loader inside the same reload, the path an untied head takes, on CPU and CUDA alike.
+  vLLM's warnings that a layer with parameters got no weights, or that a parameter was not loaded, are
+  errors (`failed_loads_raise`).
+- Checked, not trusted: after every sync `probe` compares the engine's log-probs on a fixed text with the
+  trainer's; above `rollout.max_logprob_mismatch` (by dtype, `PROBE_LIMITS`) the run stops before any
+  rollout from that engine is used, naming the likely cause; `rollout/probe_mismatch` logs the gap.
 - MTP speculative decoding (`rollout.speculative_mtp=true`, MiMo-layout checkpoints; works on the CPU
   build): the drafter is reached through `runner.get_draft_model()` (both of vLLM's model runners have it;
   the new runner has no `drafter` attribute) and reads MiMo names (`model.mtp_layers.{i}.*`, plus the shared
   embedding and LM head); they are synced every step too, otherwise acceptance silently decays as the
   policy moves. vLLM's MiMo drafter reads the backbone's hidden state *before* the final norm (its
   `MiMoModel.forward` returns the pre-norm state and applies the norm only for the logits); the trainer
-  feeds MiMo's MTP layer the same state (`MTPModel.prenorm_hidden`). `rollout/spec_acceptance` (accepted /
+  feeds MiMo's MTP layer the same state (`MTPModel.prenorm_hidden`) and, as vLLM's drafters do, a zero
+  token embedding at position 0 (`MTPModel.zero_first_embedding`): with both, the drafter's proposals are the
+  trained head's argmax at every step (tests/test_vllm_drafter.py). `rollout/spec_acceptance` (accepted /
   proposed draft tokens during this step's generation) comes from vLLM's own counters.
 - Log-probs: the engine reports *processed* log-probs (`logprobs_mode="processed_logprobs"`: after
   temperature and top-k/top-p, renormalised over the kept tokens), i.e. the distribution the tokens were
