@@ -189,5 +189,14 @@ def test_smollm2_through_the_engine_matches_the_trainer(tmp_path, monkeypatch):
         _, worst, mean = gap()
         print(f"SmolLM2 after a step: max {worst:.2e}, mean {mean:.2e}, probe {engine.probe_gap:.2e}")
         assert mean < LOGPROB_TOL and worst < 10 * LOGPROB_TOL
+        # coherent text: the engine's (near-)greedy answer is HF generate's greedy one, token for token
+        near_greedy = SamplingSettings(temperature=1e-6, max_new_tokens=16, max_prompt_len=64)
+        ours = engine.generate(tok, prompts[:1], 1, near_greedy, row_keys=torch.arange(1), seed=0,
+                               add_special_tokens=False)[0]
+        enc = tok(prompts[:1], return_tensors="pt", add_special_tokens=False)
+        with torch.no_grad():
+            ref = model.lm.eval().generate(**enc, do_sample=False, max_new_tokens=16, pad_token_id=tok.pad_token_id)
+        print("SmolLM2 greedy:", repr(ours.completions[0]))
+        assert ours.completions[0] == tok.decode(ref[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         engine.close()
