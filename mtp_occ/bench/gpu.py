@@ -81,6 +81,7 @@ def gpu_vllm(cfg, path: str, base, tok, prompts, hf_tps: float) -> dict:
     keys = torch.arange(P * a.group_size)
     res: dict = {}
     for label, spec in (("plain", False), ("mtp_spec", True)):
+        engine = None
         try:
             engine = VllmRollout.start(path, dtype=cfg.model.dtype, gpu_memory_utilization=r.gpu_memory_utilization,
                                        max_model_len=r.max_prompt_len + r.max_new_tokens, speculative_mtp=spec,
@@ -96,8 +97,10 @@ def gpu_vllm(cfg, path: str, base, tok, prompts, hf_tps: float) -> dict:
                 runs.append(int(batch.response_len_B.sum()) / (perf_counter() - t0))
             res[label] = {"tokens_per_s": median(runs[1:]), "over_hf": median(runs[1:]) / hf_tps, "sync_s": sync_s,
                           **engine.metrics()}
-            del engine
-            torch.cuda.empty_cache()
         except Exception as e:  # report, never fake a number
             res[label] = {"error": f"{type(e).__name__}: {e}"[:400]}
+        finally:  # vLLM's CuMem allocator allows one engine per process: the next start needs this one shut down
+            if engine is not None:
+                engine.close()
+            torch.cuda.empty_cache()
     return res

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from omegaconf import MISSING
 
-from mtp_occ.config.enums import ModelSource, RolloutBackend
+from mtp_occ.config.enums import ConcatOrder, ModelSource, RolloutBackend
 from mtp_occ.config.errors import require
 from mtp_occ.config.model import CoefScheduleConfig, ModelConfig, RegimeConfig
 from mtp_occ.config.training import (
@@ -77,6 +77,11 @@ class Config:
             require(self.model.source is ModelSource.mimo, "rollout.speculative_mtp",
                     f"vLLM's MTP drafter reads MiMo-layout checkpoints, model.source is {self.model.source.value}; "
                     "use model=mimo_7b or set rollout.speculative_mtp=false")
+            # vLLM's MiMo drafter computes input_proj(cat[hidden, embedding]): trained in another order, the
+            # synced weights would draft from a permuted input
+            require(self.model.concat_order is ConcatOrder.hidden_first, "model.concat_order",
+                    f"{self.model.concat_order.value}, but vLLM's MiMo drafter concatenates (hidden, embedding): "
+                    "set model.concat_order=hidden_first or rollout.speculative_mtp=false")
         for name in self.eval.benchmarks if self.eval.enabled else ():
             require(name not in TASKS or self.data.source == name, "eval.benchmarks",
                     f"{name!r} is a task's held-out set; it needs data={name} (data.source is {self.data.source!r})")
