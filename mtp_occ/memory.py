@@ -27,7 +27,8 @@ Estimates and their sources (1 GB = 1e9 bytes throughout):
   are not checkpointed. No T² attention term: flash-attention / SDPA kernels keep O(T) per layer (eager
   attention would add heads × T² per layer).
 - Log-probs (`mtp_occ.model.logprob`): one chunk of float32 logits plus its cast in the matmul dtype,
-  the selected hidden states per head, and the head's float32 gradient accumulator with its cast.
+  the selected hidden states per head, and the head's float32 gradient accumulator with one [V,D] tensor in
+  the head's dtype (the product buffer every chunk reuses, then the final cast).
 - vLLM: weights (2Ψ_LM) + KV cache (2 · layers · kv · 2 bytes per token) inside its share; a share whose
   KV cache holds less than a rank's rollouts still runs (in waves, slower). Asleep: `VLLM_ASLEEP_GB`.
 """
@@ -233,7 +234,7 @@ def _logprob(cfg: Config, arch: Arch, n: int) -> list[Line]:
                      f"3 × (1+{K}) heads × {n:,} × {V:,} × 4 B")]
     c, cast = min(chunk_tokens(cfg.algo.logprob_chunk_mb, V), n), (p if p < 4 else 0)  # fp32: the cast is a no-op
     return [Line("log-prob chunk", c * V * (4 + cast) / GB, f"{c:,} tokens × {V:,} × (4 + {cast}) B"),
-            Line("log-prob head gradient", (4 + cast) * V * h / GB, f"fp32 accumulator + cast: {4 + cast} B × {V:,} × {h}")]
+            Line("log-prob head gradient", (4 + cast) * V * h / GB, f"fp32 accumulator + product buffer / cast: {4 + cast} B × {V:,} × {h}")]
 
 
 def memory_plan(cfg: Config, world: int | None = None) -> MemoryPlan | None:

@@ -133,12 +133,23 @@ def test_the_probe_stops_a_sync_that_left_the_engine_behind(layout, monkeypatch)
 def test_a_parameter_the_sync_does_not_write_is_an_error(layout):
     """vLLM only warns when a layer receives no weights (it keeps its old tensors); the sync raises, naming
     the layer, after the reload has finished (so a real sync afterwards works)."""
+    import logging
+
     name, d, engine = layout
     model = load_pretrained(ModelConfig(name=name, source=ModelSource.hf, name_or_path=str(d)))
+    # as Hydra's logging config at the start of every job does: vLLM's loggers, which exist by now, disabled
+    vllm_loggers = [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("vllm")]
+    for lg in vllm_loggers:
+        lg.disabled = True
     dropped = "model.layers.1.mlp.down_proj.weight"
     weights = ((n, t) for n, t in full_named_parameters(model.lm) if n != dropped)
-    with pytest.raises(WeightSyncError, match="RowParallelLinear: Failed to load weights"):
-        on_worker(engine.llm, lambda runner: load_policy(runner, weights))
+    try:
+        with pytest.raises(WeightSyncError, match="RowParallelLinear: Failed to load weights"):
+            on_worker(engine.llm, lambda runner: load_policy(runner, weights))
+        assert all(lg.disabled for lg in vllm_loggers)  # left as the process had them
+    finally:
+        for lg in vllm_loggers:
+            lg.disabled = False
     engine.sync_weights(model)  # a complete sync afterwards passes its probe
     assert engine.probe_gap < LOGPROB_TOL
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 DENSE = 0.0  # `chunk_mb` value that selects the dense reference path
 
@@ -96,6 +97,7 @@ class ChunkedTokenLogprob(torch.autograd.Function):
         return logprob_N, hit_N
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_N, _grad_hit):
         hidden_ND, weight_VD, bias_V, targets_N, lse_N = ctx.saved_tensors
         want_h, want_w, want_b = ctx.needs_input_grad[:3]
@@ -109,6 +111,10 @@ class ChunkedTokenLogprob(torch.autograd.Function):
     def _backward(ctx, grad_N, hidden_ND, weight_VD, bias_V, targets_N, lse_N, want_h, want_w, want_b):
         grad_h = torch.empty_like(hidden_ND) if want_h else None
         grad_w = torch.zeros(weight_VD.shape, dtype=torch.float32, device=weight_VD.device) if want_w else None
+        # a head in bf16/fp16: each chunk's [V,D] product lands in one buffer of the head's dtype, allocated
+        # once, and is added into the float32 accumulator in place (the same numbers as `(dᵀ h).float()` per
+        # chunk, without a [V,D] product and its float32 copy allocated for every chunk)
+        prod_VD = torch.empty_like(weight_VD) if want_w and weight_VD.dtype != torch.float32 else None
         grad_b = torch.zeros(bias_V.shape, dtype=torch.float32, device=bias_V.device) if want_b else None
         tau, chunk = ctx.temperature, ctx.chunk
         for s in range(0, hidden_ND.shape[0], chunk):
@@ -120,12 +126,13 @@ class ChunkedTokenLogprob(torch.autograd.Function):
             d_CV = d_CV.to(weight_VD.dtype)  # the matmuls run in the head's dtype, as nn.Linear's backward does
             if want_h:
                 grad_h[s:s + chunk] = d_CV @ weight_VD
-            if want_w and grad_w.dtype == d_CV.dtype:  # in place: no [V,D] temporary per chunk
+            if want_w and prod_VD is None:  # float32: accumulate in place
                 grad_w.addmm_(d_CV.t(), h_CD)
             elif want_w:
-                grad_w += (d_CV.t() @ h_CD).float()
+                grad_w.add_(torch.mm(d_CV.t(), h_CD, out=prod_VD))
             if want_b:
                 grad_b += d_CV.float().sum(0)
+        del prod_VD  # freed before the cast: at most one [V,D] tensor in the head's dtype beside the accumulator
         grad_w = None if grad_w is None else grad_w.to(weight_VD.dtype)
         grad_b = None if grad_b is None else grad_b.to(bias_V.dtype)
         return grad_h, grad_w, grad_b

