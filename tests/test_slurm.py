@@ -342,3 +342,43 @@ def test_bad_config_fails_before_anything_is_queued(tmp_path, job_name, bad, mes
     assert "nothing was submitted" in p.stderr
     assert not (tmp_path / ".submitit").exists() and not _queued(job_name)
     assert time.time() - t0 < 60
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_two_task_job_equals_torchrun_and_resumes_after_a_requeue(tmp_path, job_name):
+    """One SLURM job of 2 tasks (`hydra.launcher.tasks_per_node=2`: the ranks come from SLURM's variables,
+    `preempt.dist_env_from_slurm`) computes what `torchrun --nproc_per_node 2` does, and a USR2 mid-run (as
+    before a time limit) checkpoints on both ranks, requeues the job once, and resumes to the same metrics."""
+    steps = 12
+    args = [o for o in JOB_ARGS if not o.startswith("steps=")] + [f"steps={steps}", "regime=occ", "eval.enabled=false"]
+    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29700 + os.getpid() % 200), "-m", "mtp_occ.run", *args, f"run_root={tmp_path / 'ref'}",
+                          "name=dp2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    log = open(tmp_path / "submit.log", "w")
+    p = subprocess.Popen(_multirun(tmp_path / "runs", *args, "name=dp2", f"hydra.launcher.name={job_name}",
+                                   "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
+                                   "hydra.launcher.mem_gb=2"),
+                         cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    victim = tmp_path / "runs" / "dp2"
+    try:
+        deadline = time.time() + 400
+        while not ((victim / "metrics.jsonl").exists() and len(_metrics(victim)) >= 2):
+            assert p.poll() is None and time.time() < deadline, (tmp_path / "submit.log").read_text()[-3000:]
+            time.sleep(0.05)
+        job = json.loads((victim / "run.json").read_text())["slurm_job_id"]
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # every task gets it
+        p.wait(timeout=600)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        log.close()
+    assert p.returncode == 0, (tmp_path / "submit.log").read_text()[-3000:] + _logs(tmp_path / "runs")
+    run = json.loads((victim / "run.json").read_text())
+    assert run["status"] == "finished" and run["world_size"] == 2
+    assert [e["signal"] for e in run["preemptions"]] == ["SIGUSR2"]
+    got, want = _metrics(victim, True), _metrics(tmp_path / "ref" / "dp2", True)
+    assert [r["step"] for r in got] == list(range(1, steps + 1))
+    assert got == want
+    assert "resumed from" in _logs(tmp_path / "runs", tail=10**7)

@@ -193,3 +193,23 @@ def test_the_base_is_the_same_bits_whatever_threads_the_caller_runs_on(tmp_path)
         torch.set_num_threads(before)
     assert weights[1] == weights[2]
     assert (tmp_path / "pinned1" / "model.safetensors").read_bytes() != weights[2]
+
+
+@pytest.mark.slow
+def test_a_bf16_run_stays_finite_and_close_to_the_float32_one(tmp_path):
+    """`model.dtype=bfloat16` (the production dtype) on CPU: the same base loaded in bf16 trains through
+    occ's per-update λ, the chunked bf16 head and the optimizer with every logged number finite, and its
+    first step (same prompts, its own samples) stays close to the float32 run's."""
+    import math
+
+    args = ("regime=occ", "eval.enabled=false", "steps=2")
+    rows = {}
+    for dtype in ("float32", "bfloat16"):
+        _, out = _run(tmp_path / dtype, *args, f"model.dtype={dtype}", f"name={dtype}")
+        rows[dtype] = _metrics(Path(out["run_dir"]))
+    assert [r["step"] for r in rows["bfloat16"]] == [1, 2]
+    assert all(math.isfinite(v) for r in rows["bfloat16"] for v in r.values() if isinstance(v, float))
+    fp32, bf16 = rows["float32"][0], rows["bfloat16"][0]
+    print({k: (fp32[k], bf16[k]) for k in ("mtp/ce", "reward/acc", "loss/pg", "mtp/lambda")})
+    assert abs(bf16["mtp/ce"] - fp32["mtp/ce"]) < 0.1 * fp32["mtp/ce"]
+    assert abs(bf16["reward/acc"] - fp32["reward/acc"]) < 0.25
