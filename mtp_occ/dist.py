@@ -19,6 +19,7 @@ Rank 0 alone logs and writes files (DeepSpeed checkpoints are written by every r
 
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 
@@ -72,6 +73,19 @@ def shutdown() -> None:
 
 def barrier() -> None:
     if _active():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def main_rank_first():
+    """Rank 0 runs the block, then the other ranks do: for a cache that one rank fills and the others read
+    (a pre-trained base, a converted model dir). Needed beyond a file lock: transformers' `save_pretrained`
+    writes nothing on a rank other than 0 once a process group exists, so a rank 1 that won the lock would
+    leave a directory without its config and weights. A no-op in one process."""
+    if _active() and dist.get_rank() != 0:
+        dist.barrier()
+    yield
+    if _active() and dist.get_rank() == 0:
         dist.barrier()
 
 

@@ -26,7 +26,10 @@ def build_policy(model_cfg: ModelConfig, data_cfg: DataConfig, seed: int) -> tup
 
     task = TASKS[data_cfg.source]  # a task, by `Config`'s compose-time check
     if model_cfg.pretrain.steps > 0:
-        base = task.base(model_cfg, data_cfg, seed)
+        from mtp_occ.dist import main_rank_first
+
+        with main_rank_first():  # one rank pre-trains (and writes) the base, the others read it
+            base = task.base(model_cfg, data_cfg, seed)
         loaded = dataclasses.replace(model_cfg, source=ModelSource.hf, name_or_path=str(base))
         return load_pretrained(loaded), load_tokenizer(str(base)), base
     tok = task.tokenizer()

@@ -150,9 +150,11 @@ def engine_dir(cfg: Config, model, tok, base_dir: Path | None) -> str | None:
     if base_dir is not None:
         return str(base_dir)
     if cfg.model.gguf_file:
+        from mtp_occ.dist import main_rank_first
         from mtp_occ.model.load import gguf_as_hf_dir
 
-        return str(gguf_as_hf_dir(cfg.model, model.lm, tok))
+        with main_rank_first():  # rank 0 writes the directory (save_pretrained writes nothing on other ranks)
+            return str(gguf_as_hf_dir(cfg.model, model.lm, tok))
     return cfg.model.name_or_path or None
 
 

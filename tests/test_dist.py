@@ -73,3 +73,37 @@ def test_evaluation_under_zero3_with_two_processes_matches_one(tmp_path):
         assert [(r["id"], r["sample"], r["completion"]) for r in a] == [(r["id"], r["sample"], r["completion"]) for r in b]
         sa, sb = (json.loads((d / sub / "summary.json").read_text()) for d in (one, two))
         assert sb["average"]["avg"] == pytest.approx(sa["average"]["avg"]), sub
+
+
+def _build_base(rank: int, world: int, port: int, cache: str, out: str) -> None:
+    """One rank of `test_the_base_is_written_whole_when_rank_1_gets_there_first` (spawned)."""
+    import time
+
+    import torch.distributed as dist
+
+    from mtp_occ.config import compose
+    from mtp_occ.policy import build_policy
+
+    os.environ.update(MTP_OCC_CACHE=cache, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        if rank == 0:
+            time.sleep(3)  # rank 1 reaches the cache's file lock first
+        cfg = compose([*TINY, "model.pretrain.steps=5"])
+        model, _, base = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)
+        Path(out, f"rank{rank}").write_text(json.dumps({"base": str(base), "files": sorted(os.listdir(base))}))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_the_base_is_written_whole_when_rank_1_gets_there_first(tmp_path):
+    """A cold base cache under two ranks: transformers' `save_pretrained` writes nothing on a rank other than
+    0, so a base pre-trained by rank 1 (the first to take the file lock) had no config or weights and every
+    rank failed to load it. Rank 0 now fills the cache first (`dist.main_rank_first`)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_build_base, args=(2, 29900 + os.getpid() % 90, str(tmp_path / "cache"), str(tmp_path)), nprocs=2)
+    seen = [json.loads((tmp_path / f"rank{r}").read_text()) for r in (0, 1)]
+    assert seen[0] == seen[1]
+    assert {"config.json", "model.safetensors", "mtp.safetensors", "pretrain.json"} <= set(seen[0]["files"])
