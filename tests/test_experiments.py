@@ -29,6 +29,16 @@ def test_every_experiment_composes(name):
         assert cfg.regime.name == "policy" and type(cfg.regime).__name__ == "PolicyConfig"
 
 
+def test_an_experiments_values_win_over_the_root_configs():
+    """conf/config.yaml's own keys (steps, save_every) once came after the experiment and silently replaced
+    the preset's (the paper preset checkpointed every 50 steps instead of 10)."""
+    paper = compose(["experiment=paper_mimo7b_dapo"])
+    assert (paper.steps, paper.save_every, paper.eval_every) == (200, 10, 50)
+    rehearsal = compose(["experiment=rehearsal"])
+    assert (rehearsal.steps, rehearsal.save_every) == (3, 1)
+    assert compose(["experiment=rehearsal", "steps=5"]).steps == 5  # the command line still wins
+
+
 @pytest.mark.parametrize("name", ["paper_mimo7b_dapo", "paper_e01", "paper_e02"])
 def test_paper_presets_dry_run_with_the_batch_arithmetic(name, tmp_path):
     cfg = compose([f"experiment={name}"])

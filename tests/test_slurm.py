@@ -382,3 +382,50 @@ def test_a_two_task_job_equals_torchrun_and_resumes_after_a_requeue(tmp_path, jo
     assert [r["step"] for r in got] == list(range(1, steps + 1))
     assert got == want
     assert "resumed from" in _logs(tmp_path / "runs", tail=10**7)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+@pytest.mark.vllm
+def test_the_paper_preset_rehearsal_survives_a_requeue_as_one_two_task_job(tmp_path, job_name):
+    """`experiment=rehearsal` (the paper preset with only its sizes shrunk: SmolLM2-135M from its GGUF file,
+    DAPO-Math-17k + the dapo grader, packing + a token budget, ZeRO-3, vLLM's CPU build, math6 evaluation)
+    as one 2-task SLURM job, signalled with USR2 after its first step: it requeues, resumes, and ends with
+    the metrics (evaluation included) of an uninterrupted `torchrun --nproc_per_node 2` run."""
+    common = ["experiment=rehearsal", "name=rh"]
+    t0 = time.time()
+    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          str(29600 + os.getpid() % 90), "-m", "mtp_occ.run", *common, f"run_root={tmp_path / 'ref'}"],
+                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
+    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    print(f"rehearsal, uninterrupted (torchrun): {time.time() - t0:.0f} s")
+    log = open(tmp_path / "submit.log", "w")
+    t0 = time.time()
+    p = subprocess.Popen(_multirun(tmp_path / "runs", *common, f"hydra.launcher.name={job_name}",
+                                   "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
+                                   "hydra.launcher.mem_gb=8"),
+                         cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    victim = tmp_path / "runs" / "rh"
+    try:
+        deadline = time.time() + 600
+        while not ((victim / "metrics.jsonl").exists() and len(_metrics(victim)) >= 1):
+            assert p.poll() is None and time.time() < deadline, (tmp_path / "submit.log").read_text()[-3000:]
+            time.sleep(0.2)
+        job = json.loads((victim / "run.json").read_text())["slurm_job_id"]
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+        p.wait(timeout=900)
+    finally:
+        if p.poll() is None:
+            p.kill()
+        log.close()
+    print(f"rehearsal, one 2-task SLURM job with a requeue: {time.time() - t0:.0f} s")
+    assert p.returncode == 0, (tmp_path / "submit.log").read_text()[-3000:] + _logs(tmp_path / "runs")
+    run = json.loads((victim / "run.json").read_text())
+    assert run["status"] == "finished" and run["world_size"] == 2
+    assert [e["signal"] for e in run["preemptions"]] == ["SIGUSR2"]
+    got, want = _metrics(victim, True), _metrics(tmp_path / "ref" / "rh", True)
+    assert [r["step"] for r in got] == [1, 2, 3]
+    assert got == want
+    assert all(r["rollout/logprob_mismatch"] < 1e-3 and r["rollout/probe_mismatch"] < 1e-3 for r in got)
+    assert "eval/aime24/avg" in got[-1] or any(k.startswith("eval/") for k in got[-1]), sorted(got[-1])
+    assert (victim / "eval" / "summary.json").exists() and (victim / "eval" / "base" / "summary.json").exists()

