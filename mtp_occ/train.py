@@ -216,11 +216,12 @@ def train(cfg: Config, overrides: list[str]) -> dict:
     files = RunDir(run_dir)
     torch.manual_seed(cfg.seed)
     model, tok, base_dir = build_policy(cfg.model, cfg.data, cfg.model.pretrain.seed)  # one base for all RL seeds
+    model_dir = engine_dir(cfg, model, tok, base_dir)  # before ZeRO-3 partitions the weights a GGUF export reads
     model.to(d.device)
     sampler = PromptSampler(len(prompts), cfg.seed, cfg.data.shuffle)
     regime, coef = build_regime(cfg.regime), build_schedule(cfg.coef_schedule)
     engine = build_engine(model, cfg.algo, cfg.deepspeed, total_steps=cfg.steps, world=d.world)
-    backend = build_rollout(cfg.rollout, cfg.model, model, engine_dir(cfg, model, tok, base_dir), cfg.seed)
+    backend = build_rollout(cfg.rollout, cfg.model, model, model_dir, cfg.seed)
     # the starting policy's score, before any checkpoint is loaded into the model (cached per base and seed)
     base_eval = evaluate_base(cfg, model, tok, run_dir, base_dir, d, backend) if cfg.eval.enabled else None
     ckpt_root, start, faults = files.checkpoints, 0, 0
