@@ -5,7 +5,10 @@ cluster with `bash slurm/local_cluster.sh start`; without one they skip, with th
   - the four-regime sweep finishes four complete run dirs;
   - a job signalled mid-run (SIGUSR2, what SLURM sends before a time limit) checkpoints, is requeued by
     submitit, resumes, and ends with the metrics of an uninterrupted job of the same config;
-  - a bad config fails on the submitting side and queues nothing.
+  - a bad config fails on the submitting side and queues nothing;
+  - a 2-task job equals torchrun's 2 processes and resumes after a requeue to the same metrics;
+  - the paper preset's CPU rehearsal (`experiment=rehearsal`) as one 2-task job survives a requeue (also
+    marked `vllm`).
 Every job is named after its test (`hydra.launcher.name`) so that teardown can cancel leftovers.
 """
 
@@ -427,5 +430,5 @@ def test_the_paper_preset_rehearsal_survives_a_requeue_as_one_two_task_job(tmp_p
     assert [r["step"] for r in got] == [1, 2, 3]
     assert got == want
     assert all(r["rollout/logprob_mismatch"] < 1e-3 and r["rollout/probe_mismatch"] < 1e-3 for r in got)
-    assert "eval/aime24/avg" in got[-1] or any(k.startswith("eval/") for k in got[-1]), sorted(got[-1])
+    assert any(k.startswith("eval/") for k in got[-1]), sorted(got[-1])  # the final evaluation is in the compared rows
     assert (victim / "eval" / "summary.json").exists() and (victim / "eval" / "base" / "summary.json").exists()
