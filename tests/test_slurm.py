@@ -347,32 +347,32 @@ def test_bad_config_fails_before_anything_is_queued(tmp_path, job_name, bad, mes
     assert time.time() - t0 < 60
 
 
-@pytest.mark.slurm
-@pytest.mark.slow
-def test_a_two_task_job_equals_torchrun_and_resumes_after_a_requeue(tmp_path, job_name):
-    """One SLURM job of 2 tasks (`hydra.launcher.tasks_per_node=2`: the ranks come from SLURM's variables,
-    `preempt.dist_env_from_slurm`) computes what `torchrun --nproc_per_node 2` does, and a USR2 mid-run (as
-    before a time limit) checkpoints on both ranks, requeues the job once, and resumes to the same metrics."""
-    steps = 12
-    args = [o for o in JOB_ARGS if not o.startswith("steps=")] + [f"steps={steps}", "regime=occ", "eval.enabled=false"]
-    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29700 + os.getpid() % 200), "-m", "mtp_occ.run", *args, f"run_root={tmp_path / 'ref'}",
-                          "name=dp2"], cwd=REPO, env=_env(), capture_output=True, text=True, timeout=600)
-    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+def _torchrun_2(run_root: Path, args: list[str], timeout: int) -> None:
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        str(29600 + os.getpid() % 200), "-m", "mtp_occ.run", *args, f"run_root={run_root}"],
+                       cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+def _two_task_job_signalled(tmp_path: Path, args: list[str], job_name: str, after_rows: int, mem_gb: int,
+                            timeout: int) -> Path:
+    """Run `args` as one 2-task SLURM job, send it USR2 (as before a time limit: every task gets it) once its
+    metrics have `after_rows` rows, and wait for the requeued job to finish; the run dir."""
     log = open(tmp_path / "submit.log", "w")
-    p = subprocess.Popen(_multirun(tmp_path / "runs", *args, "name=dp2", f"hydra.launcher.name={job_name}",
+    p = subprocess.Popen(_multirun(tmp_path / "runs", *args, f"hydra.launcher.name={job_name}",
                                    "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
-                                   "hydra.launcher.mem_gb=2"),
+                                   f"hydra.launcher.mem_gb={mem_gb}"),
                          cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
-    victim = tmp_path / "runs" / "dp2"
+    name = next(a.split("=", 1)[1] for a in args if a.startswith("name="))
+    victim = tmp_path / "runs" / name
     try:
-        deadline = time.time() + 400
-        while not ((victim / "metrics.jsonl").exists() and len(_metrics(victim)) >= 2):
+        deadline = time.time() + timeout
+        while not ((victim / "metrics.jsonl").exists() and len(_metrics(victim)) >= after_rows):
             assert p.poll() is None and time.time() < deadline, (tmp_path / "submit.log").read_text()[-3000:]
             time.sleep(0.05)
         job = json.loads((victim / "run.json").read_text())["slurm_job_id"]
-        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)  # every task gets it
-        p.wait(timeout=600)
+        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
+        p.wait(timeout=timeout)
     finally:
         if p.poll() is None:
             p.kill()
@@ -381,10 +381,24 @@ def test_a_two_task_job_equals_torchrun_and_resumes_after_a_requeue(tmp_path, jo
     run = json.loads((victim / "run.json").read_text())
     assert run["status"] == "finished" and run["world_size"] == 2
     assert [e["signal"] for e in run["preemptions"]] == ["SIGUSR2"]
+    assert "resumed from" in _logs(tmp_path / "runs", tail=10**7)
+    return victim
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_two_task_job_equals_torchrun_and_resumes_after_a_requeue(tmp_path, job_name):
+    """One SLURM job of 2 tasks (`hydra.launcher.tasks_per_node=2`: the ranks come from SLURM's variables,
+    `preempt.dist_env_from_slurm`) computes what `torchrun --nproc_per_node 2` does, and a USR2 mid-run (as
+    before a time limit) checkpoints on both ranks, requeues the job once, and resumes to the same metrics."""
+    steps = 12
+    args = [o for o in JOB_ARGS if not o.startswith("steps=")] + [f"steps={steps}", "regime=occ", "eval.enabled=false",
+                                                                  "name=dp2"]
+    _torchrun_2(tmp_path / "ref", args, timeout=600)
+    victim = _two_task_job_signalled(tmp_path, args, job_name, after_rows=2, mem_gb=2, timeout=600)
     got, want = _metrics(victim, True), _metrics(tmp_path / "ref" / "dp2", True)
     assert [r["step"] for r in got] == list(range(1, steps + 1))
     assert got == want
-    assert "resumed from" in _logs(tmp_path / "runs", tail=10**7)
 
 
 @pytest.mark.slurm
@@ -395,37 +409,13 @@ def test_the_paper_preset_rehearsal_survives_a_requeue_as_one_two_task_job(tmp_p
     DAPO-Math-17k + the dapo grader, packing + a token budget, ZeRO-3, vLLM's CPU build, math6 evaluation)
     as one 2-task SLURM job, signalled with USR2 after its first step: it requeues, resumes, and ends with
     the metrics (evaluation included) of an uninterrupted `torchrun --nproc_per_node 2` run."""
-    common = ["experiment=rehearsal", "name=rh"]
+    args = ["experiment=rehearsal", "name=rh"]
     t0 = time.time()
-    ref = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                          str(29600 + os.getpid() % 90), "-m", "mtp_occ.run", *common, f"run_root={tmp_path / 'ref'}"],
-                         cwd=REPO, env=_env(), capture_output=True, text=True, timeout=900)
-    assert ref.returncode == 0, ref.stdout[-3000:] + ref.stderr[-3000:]
+    _torchrun_2(tmp_path / "ref", args, timeout=900)
     print(f"rehearsal, uninterrupted (torchrun): {time.time() - t0:.0f} s")
-    log = open(tmp_path / "submit.log", "w")
     t0 = time.time()
-    p = subprocess.Popen(_multirun(tmp_path / "runs", *common, f"hydra.launcher.name={job_name}",
-                                   "hydra.launcher.tasks_per_node=2", "hydra.launcher.cpus_per_task=1",
-                                   "hydra.launcher.mem_gb=8"),
-                         cwd=REPO, env=_env(), stdout=log, stderr=subprocess.STDOUT, text=True)
-    victim = tmp_path / "runs" / "rh"
-    try:
-        deadline = time.time() + 600
-        while not ((victim / "metrics.jsonl").exists() and len(_metrics(victim)) >= 1):
-            assert p.poll() is None and time.time() < deadline, (tmp_path / "submit.log").read_text()[-3000:]
-            time.sleep(0.2)
-        job = json.loads((victim / "run.json").read_text())["slurm_job_id"]
-        subprocess.run(["scancel", "--signal=USR2", job], check=True, timeout=30)
-        p.wait(timeout=900)
-    finally:
-        if p.poll() is None:
-            p.kill()
-        log.close()
+    victim = _two_task_job_signalled(tmp_path, args, job_name, after_rows=1, mem_gb=8, timeout=900)
     print(f"rehearsal, one 2-task SLURM job with a requeue: {time.time() - t0:.0f} s")
-    assert p.returncode == 0, (tmp_path / "submit.log").read_text()[-3000:] + _logs(tmp_path / "runs")
-    run = json.loads((victim / "run.json").read_text())
-    assert run["status"] == "finished" and run["world_size"] == 2
-    assert [e["signal"] for e in run["preemptions"]] == ["SIGUSR2"]
     got, want = _metrics(victim, True), _metrics(tmp_path / "ref" / "rh", True)
     assert [r["step"] for r in got] == [1, 2, 3]
     assert got == want
