@@ -15,6 +15,7 @@ refused: a NaN never reaches a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -55,6 +56,15 @@ class CheckpointWriteError(OSError):
     how to go on."""
 
 
+@contextlib.contextmanager
+def _writing(ckpt_root: Path, tmp: Path, step: int):
+    """An OSError inside becomes a `CheckpointWriteError` (see `_write_failed`)."""
+    try:
+        yield
+    except OSError as e:
+        raise _write_failed(ckpt_root, tmp, step, e) from e
+
+
 def _write_failed(ckpt_root: Path, tmp: Path, step: int, err: OSError) -> CheckpointWriteError:
     """Remove the torn temp dir and describe the failure: the previous checkpoint is untouched (a save
     renames into place only when everything is written)."""
@@ -90,27 +100,21 @@ def save(ckpt_root: Path, step: int, state: dict[str, Any], keep: int = 2, *, is
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
-        try:
+        with _writing(ckpt_root, tmp, step):
             tmp.mkdir()
             with open(tmp / STATE_FILE, "wb") as f:
                 torch.save({**state, "step": step, "rng": rng_state()}, f)
                 f.flush()
                 os.fsync(f.fileno())
-        except OSError as e:
-            raise _write_failed(ckpt_root, tmp, step, e) from e
     barrier()
     if shards is not None:
-        try:
+        with _writing(ckpt_root, tmp, step):
             shards(tmp)
-        except OSError as e:
-            raise _write_failed(ckpt_root, tmp, step, e) from e
         barrier()
     final = ckpt_root / name
     if is_main:
-        try:
+        with _writing(ckpt_root, tmp, step):
             atomic_write_bytes(tmp / COMPLETE_FILE, b"ok\n", sync_dir=True)
-        except OSError as e:
-            raise _write_failed(ckpt_root, tmp, step, e) from e
         if final.exists():  # re-saving a step after a resume: replace it
             shutil.rmtree(final)
         os.replace(tmp, final)
